@@ -1,0 +1,440 @@
+"""The one place graphopt touches JAX internals.
+
+Everything else in graphopt (and every pass in ``graphopt.transforms``) reaches
+jaxprs, variables, literals and equations through the names defined here, so a JAX
+upgrade is this file's problem. Public ``jax.extend.core`` is preferred; the few
+``jax._src`` names used are imported in one block below, each with the reason.
+
+Besides the re-exports this module offers a read-only graph view over a jaxpr
+(:class:`Graph`: producers, users, topological order, source lines) and the small
+structural helpers every rewrite needs (fresh variables, literals, sub-jaxpr walk,
+inlining a traced function's equations).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+import jax
+from jax.extend import core as _jex
+from jax.extend import source_info_util as _siu
+
+# jax._src names without a public home yet: abstract values, JAX's own DCE rules for
+# higher-order primitives, and the pytree of literal-able scalar types.
+from jax._src import core as _core
+from jax._src.interpreters import partial_eval as _pe
+from jax._src.interpreters import mlir as _mlir
+
+Jaxpr = _jex.Jaxpr
+ClosedJaxpr = _jex.ClosedJaxpr
+Var = _jex.Var
+Literal = _jex.Literal
+JaxprEqn = _jex.JaxprEqn
+Primitive = _jex.Primitive
+DropVar = _jex.DropVar
+JaxprTypeError = _jex.JaxprTypeError
+ShapedArray = jax.core.ShapedArray
+Atom = Var | Literal
+
+JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+# Primitives whose result depends on hidden RNG state or whose repetition matters even
+# without a declared effect: CSE must never merge them, folding must never run them.
+RANDOM_PRIMITIVES = frozenset({
+    "random_seed", "random_bits", "random_split", "random_fold_in", "random_wrap",
+    "random_unwrap", "random_clone", "threefry2x32", "rng_uniform", "rng_bit_generator",
+})
+
+
+
+def _lowered_primitive_names() -> set[str]:
+    names = {p.name for p in _mlir._lowerings}
+    for table in _mlir._platform_specific_lowerings.values():
+        names |= {p.name for p in table}
+    return names
+
+
+# Primitives JAX itself defines (snapshot when graphopt is imported). Passes treat any
+# other primitive as unknown: passed through untouched and counted in the report.
+_KNOWN_PRIMITIVES = _lowered_primitive_names()
+
+
+def known_primitives() -> set[str]:
+    return _KNOWN_PRIMITIVES
+
+
+def register_known_primitive(name: str) -> None:
+    """Declare a user primitive pure and shape-preserving-safe for graphopt's passes."""
+    _KNOWN_PRIMITIVES.add(name)
+
+
+# --------------------------------------------------------------------------- atoms
+
+def new_var(aval) -> Var:
+    """A fresh variable of abstract value ``aval``."""
+    try:
+        return Var(aval)
+    except TypeError:  # older signature Var(suffix, aval)
+        return Var("", aval)
+
+
+def is_literal(atom) -> bool:
+    return isinstance(atom, Literal)
+
+
+def is_var(atom) -> bool:
+    return isinstance(atom, Var) and not isinstance(atom, DropVar)
+
+
+def is_dropvar(atom) -> bool:
+    return isinstance(atom, DropVar)
+
+
+def literal(value, aval=None) -> Literal:
+    """A literal holding ``value`` (a Python or NumPy scalar / small array)."""
+    if aval is None:
+        arr = np.asarray(value)
+        aval = ShapedArray(arr.shape, arr.dtype)
+    return Literal(value, aval)
+
+
+def literal_value(atom):
+    """The Python/NumPy value of a literal atom."""
+    return atom.val
+
+
+def aval_of(x) -> ShapedArray:
+    """Abstract value of an atom, array or ShapeDtypeStruct."""
+    if hasattr(x, "aval"):
+        return x.aval
+    return ShapedArray(np.shape(x), jax.dtypes.canonicalize_dtype(np.result_type(x)))
+
+
+def is_array_aval(aval) -> bool:
+    return isinstance(aval, ShapedArray)
+
+
+def aval_nbytes(aval) -> int:
+    """Bytes of an array value; 0 for tokens and other non-array values."""
+    if not is_array_aval(aval):
+        return 0
+    return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+
+
+def aval_str(aval) -> str:
+    return aval.str_short(short_dtypes=True) if hasattr(aval, "str_short") else str(aval)
+
+
+def same_aval(a, b) -> bool:
+    """Equal shape, dtype and weak type: the interface a rewrite must keep."""
+    return (getattr(a, "shape", None) == getattr(b, "shape", None)
+            and getattr(a, "dtype", None) == getattr(b, "dtype", None)
+            and getattr(a, "weak_type", False) == getattr(b, "weak_type", False))
+
+
+# ------------------------------------------------------------------------ equations
+
+def new_eqn(invars, outvars, primitive, params, effects=frozenset(), source_info=None,
+            ctx=None) -> JaxprEqn:
+    return _jex.new_jaxpr_eqn(list(invars), list(outvars), primitive, dict(params),
+                              effects, source_info, ctx)
+
+
+def replace_eqn(eqn: JaxprEqn, **kwargs) -> JaxprEqn:
+    """A copy of ``eqn`` with some of invars/outvars/params/effects replaced."""
+    return eqn.replace(**kwargs)
+
+
+def prim_name(eqn) -> str:
+    return eqn.primitive.name
+
+
+def effectful(eqn) -> bool:
+    """True if the equation has a declared effect (print, callback, state, ordered IO)."""
+    return bool(eqn.effects)
+
+
+def impure(eqn) -> bool:
+    """Effectful or random: never duplicated, merged, folded or dropped on a guess."""
+    return effectful(eqn) or eqn.primitive.name in RANDOM_PRIMITIVES
+
+
+def source_line(eqn) -> str:
+    """'file.py:LINE (function)' of the user code that produced ``eqn``, or ''."""
+    try:
+        return _siu.summarize(eqn.source_info)
+    except Exception:  # source info is best-effort in JAX itself
+        return ""
+
+
+def name_stack(eqn) -> str:
+    """The ``jax.named_scope`` / transform path of ``eqn`` as 'a/b/c' ('' at top)."""
+    try:
+        return str(eqn.source_info.name_stack)
+    except Exception:
+        return ""
+
+
+def eqn_with_name_stack(eqn, prefix: str):
+    """``eqn`` whose name stack gets ``prefix`` pushed in front (for labelled rewrites)."""
+    si = eqn.source_info
+    ns = _siu.new_name_stack(prefix) + si.name_stack
+    return eqn.replace(source_info=si.replace(name_stack=ns))
+
+
+# ----------------------------------------------------------------------- sub-jaxprs
+
+def _is_jaxpr_like(v) -> bool:
+    return isinstance(v, (Jaxpr, ClosedJaxpr))
+
+
+def subjaxpr_params(eqn) -> Iterator[tuple[str, int | None, Jaxpr | ClosedJaxpr]]:
+    """(param name, index in a tuple param or None, sub-jaxpr) of every sub-jaxpr."""
+    for key, val in eqn.params.items():
+        if _is_jaxpr_like(val):
+            yield key, None, val
+        elif isinstance(val, (tuple, list)) and val and all(_is_jaxpr_like(v) for v in val):
+            for i, v in enumerate(val):
+                yield key, i, v
+
+
+def has_subjaxprs(eqn) -> bool:
+    return next(subjaxpr_params(eqn), None) is not None
+
+
+def as_closed(j) -> ClosedJaxpr:
+    return j if isinstance(j, ClosedJaxpr) else ClosedJaxpr(j, [])
+
+
+def map_subjaxprs(eqn, fn: Callable[[ClosedJaxpr, bool], ClosedJaxpr]) -> JaxprEqn:
+    """``eqn`` with every sub-jaxpr ``j`` replaced by ``fn(closed j, is_open)``.
+
+    ``is_open`` tells ``fn`` that the param holds an open :class:`Jaxpr` (remat,
+    shard_map, ...): its result must then have no consts, because the equation has no
+    place to feed them.
+    """
+    new_params = None
+    for key, idx, sub in list(subjaxpr_params(eqn)):
+        is_open = isinstance(sub, Jaxpr)
+        out = fn(as_closed(sub), is_open)
+        if is_open:
+            if out.consts:
+                raise ValueError(f"rewrite of open sub-jaxpr {key!r} of {eqn.primitive} "
+                                 "introduced constants")
+            out = out.jaxpr
+        if out is sub:
+            continue
+        if new_params is None:
+            new_params = dict(eqn.params)
+        if idx is None:
+            new_params[key] = out
+        else:
+            seq = list(new_params[key])
+            seq[idx] = out
+            new_params[key] = type(eqn.params[key])(seq)
+    if new_params is None:
+        return eqn
+    return eqn.replace(params=new_params)
+
+
+def trip_count(eqn) -> float:
+    """How often the sub-jaxprs of ``eqn`` run per execution of ``eqn`` (for costs).
+
+    ``scan`` runs ``length`` times; a ``while`` loop's count is unknown statically and
+    counts once (the report says so); ``cond`` branches count once each (callers take
+    the max over branches).
+    """
+    if eqn.primitive.name == "scan":
+        return float(eqn.params["length"])
+    return 1.0
+
+
+# --------------------------------------------------------------------- jaxpr build
+
+def _fit_debug_info(dbg, n_in: int, n_out: int):
+    """Debug info whose arg/result name counts match a jaxpr whose interface changed."""
+    if dbg is None:
+        return None
+    fix = {}
+    if dbg.arg_names is not None and len(dbg.arg_names) != n_in:
+        fix["arg_names"] = tuple(("",) * n_in)
+    rp = dbg.result_paths
+    if isinstance(rp, tuple) and len(rp) != n_out:
+        fix["result_paths"] = tuple(("",) * n_out)
+    return dbg._replace(**fix) if fix else dbg
+
+
+def eqns_effects(eqns) -> frozenset:
+    out = set()
+    for e in eqns:
+        out |= set(e.effects)
+    return frozenset(out)
+
+
+def make_jaxpr_from(template: Jaxpr, *, constvars=None, invars=None, outvars=None,
+                    eqns=None, effects=None) -> Jaxpr:
+    """A new :class:`Jaxpr` like ``template`` with the given parts replaced.
+
+    Effects default to the template's, restricted to what the equations still carry
+    plus input effects (state refs) the template declared.
+    """
+    constvars = template.constvars if constvars is None else constvars
+    invars = template.invars if invars is None else invars
+    outvars = template.outvars if outvars is None else outvars
+    eqns = template.eqns if eqns is None else eqns
+    if effects is None:
+        kept = eqns_effects(eqns)
+        effects = frozenset(e for e in template.effects
+                            if e in kept or not hasattr(e, "__hash__")
+                            or type(e).__name__ in ("JaxprInputEffect",)) | kept
+    dbg = _fit_debug_info(template.debug_info, len(invars), len(outvars))
+    return Jaxpr(list(constvars), list(invars), list(outvars), list(eqns), effects, dbg)
+
+
+def closed(jaxpr: Jaxpr, consts: Sequence = ()) -> ClosedJaxpr:
+    return ClosedJaxpr(jaxpr, list(consts))
+
+
+def check(cj: ClosedJaxpr | Jaxpr) -> None:
+    """Type-check a jaxpr (raises :class:`JaxprTypeError`)."""
+    _jex.check_jaxpr(cj.jaxpr if isinstance(cj, ClosedJaxpr) else cj)
+
+
+def eval_jaxpr(cj: ClosedJaxpr, *args):
+    """Evaluate a closed jaxpr as an ordinary JAX function (traceable by jit/grad/vmap)."""
+    return _core.eval_jaxpr(cj.jaxpr, cj.consts, *args)
+
+
+def jaxpr_as_fun(cj: ClosedJaxpr) -> Callable:
+    return _jex.jaxpr_as_fun(cj)
+
+
+def dce_rule(primitive) -> Callable | None:
+    """JAX's own output-pruning rule for a higher-order primitive, if it has one.
+
+    Signature ``rule(used_outputs, eqn) -> (used_inputs, new_eqn | None)``.
+    """
+    return _pe.dce_rules.get(primitive)
+
+
+def dce_jaxpr(jaxpr: Jaxpr, used_outputs: Sequence[bool], instantiate=False):
+    """JAX's DCE of one jaxpr (used to prune loop bodies): (new jaxpr, used inputs)."""
+    return _pe.dce_jaxpr(jaxpr, list(used_outputs), instantiate=instantiate)
+
+
+# ------------------------------------------------------------------------- tracing
+
+def trace_flat(fn: Callable, avals: Sequence) -> ClosedJaxpr:
+    """Trace ``fn(*flat_args)`` on abstract values into a closed jaxpr."""
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
+             for a in avals]
+    return jax.make_jaxpr(fn)(*specs)
+
+
+@dataclasses.dataclass
+class Inlined:
+    """Equations of a traced helper, wired to caller atoms."""
+    eqns: list
+    outs: list
+    consts: list  # (constvar, value) pairs the caller must provide
+
+
+def inline(fn: Callable, in_atoms: Sequence, *, params=None) -> Inlined:
+    """Trace ``fn`` on the avals of ``in_atoms`` and wire its equations to them.
+
+    The traced jaxpr is fresh, so its internal variables are reused as they are; only
+    its inputs are substituted. Array constants it captured come back in ``consts``.
+    """
+    cj = trace_flat(fn, [a.aval for a in in_atoms])
+    sub = dict(zip(cj.jaxpr.invars, in_atoms))
+    eqns = []
+    for e in cj.jaxpr.eqns:
+        new_in = [sub.get(v, v) if is_var(v) else v for v in e.invars]
+        eqns.append(e.replace(invars=new_in) if new_in != list(e.invars) else e)
+    outs = [sub.get(v, v) if is_var(v) else v for v in cj.jaxpr.outvars]
+    return Inlined(eqns, outs, list(zip(cj.jaxpr.constvars, cj.consts)))
+
+
+# ----------------------------------------------------------------------- graph view
+
+class Graph:
+    """Read-only dataflow view over one (not nested) jaxpr.
+
+    ``producer[v]`` is the index of the equation defining ``v`` (absent for inputs and
+    constants); ``users[v]`` the indices of equations reading ``v``; outputs read by
+    the jaxpr's result are in ``outputs``. Equations are already in a topological
+    order (jaxprs are SSA, each variable defined before use), so ``order`` is simply
+    ``range(len(eqns))``.
+    """
+
+    def __init__(self, jaxpr: Jaxpr | ClosedJaxpr):
+        self.jaxpr = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
+        self.eqns = self.jaxpr.eqns
+        self.producer: dict[Var, int] = {}
+        self.users: dict[Var, list[int]] = {}
+        for i, e in enumerate(self.eqns):
+            for v in e.invars:
+                if is_var(v):
+                    self.users.setdefault(v, []).append(i)
+            for v in e.outvars:
+                if is_var(v):
+                    self.producer[v] = i
+        self.outputs = {v for v in self.jaxpr.outvars if is_var(v)}
+
+    @property
+    def order(self) -> range:
+        return range(len(self.eqns))
+
+    def n_uses(self, v) -> int:
+        return len(self.users.get(v, ())) + (1 if v in self.outputs else 0)
+
+    def producer_eqn(self, atom):
+        i = self.producer.get(atom) if is_var(atom) else None
+        return None if i is None else self.eqns[i]
+
+    def user_eqns(self, v) -> list:
+        return [self.eqns[i] for i in self.users.get(v, ())]
+
+    def source_line(self, i: int) -> str:
+        return source_line(self.eqns[i])
+
+
+def walk_eqns(jaxpr: Jaxpr | ClosedJaxpr, weight: float = 1.0, depth: int = 0
+              ) -> Iterator[tuple[JaxprEqn, float, int]]:
+    """Every equation, nested ones included, with its trip-count weight and depth."""
+    jaxpr = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
+    for e in jaxpr.eqns:
+        yield e, weight, depth
+        w = weight * trip_count(e)
+        for _, _, sub in subjaxpr_params(e):
+            yield from walk_eqns(sub, w, depth + 1)
+
+
+def count_eqns(jaxpr, nested: bool = True) -> int:
+    """Number of equations, nested sub-jaxprs included when ``nested``."""
+    if not nested:
+        return len((jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr).eqns)
+    return sum(1 for _ in walk_eqns(jaxpr))
+
+
+def primitive_counts(jaxpr) -> dict[str, int]:
+    """How often each primitive occurs, nested equations included."""
+    out: dict[str, int] = {}
+    for e, _, _ in walk_eqns(jaxpr):
+        out[e.primitive.name] = out.get(e.primitive.name, 0) + 1
+    return out
+
+
+def fresh_names() -> Iterator[str]:
+    return (f"v{i}" for i in itertools.count())
+
+
+def pretty(cj) -> str:
+    return str(cj)
+
+
+__all__ = [n for n in dir() if not n.startswith("_")]

@@ -1,0 +1,175 @@
+"""Passes, their results, and the pipeline that runs them.
+
+A pass maps a closed jaxpr to a :class:`PassResult` (new jaxpr, whether it changed,
+what it did). A :class:`Pipeline` runs passes in order, optionally to a fixpoint, checks
+the jaxpr after each one (``check_jaxpr`` plus the interface: same input and output
+avals), records a :class:`PassRecord` per pass run, and turns any failure into a
+:class:`PassError` that names the pass (and, from the interpreter, the equation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import ir
+from .errors import GraphoptError, PassError
+from .interpreter import Stats
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a pass may know besides the jaxpr."""
+    placement: str = "pre-AD"              # "pre-AD" or "post-AD" (see placement_of)
+    options: dict = dataclasses.field(default_factory=dict)
+    example_args: tuple | None = None      # flat concrete args, when known
+    platform: str = "cpu"
+
+    def option(self, name: str, default=None):
+        return self.options.get(name, default)
+
+
+@dataclasses.dataclass
+class PassResult:
+    jaxpr: ir.ClosedJaxpr
+    changed: bool
+    stats: Stats = dataclasses.field(default_factory=Stats)
+
+
+PassFn = Callable[[ir.ClosedJaxpr, PassContext], PassResult]
+
+
+@dataclasses.dataclass
+class Pass:
+    """A named jaxpr → jaxpr transformation."""
+    name: str
+    fn: PassFn
+    description: str = ""
+    family: str = ""
+
+    def __call__(self, cj: ir.ClosedJaxpr, ctx: PassContext | None = None) -> PassResult:
+        return self.fn(cj, ctx if ctx is not None else PassContext())
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """One run of one pass inside a pipeline."""
+    name: str
+    round: int
+    before: ir.ClosedJaxpr
+    after: ir.ClosedJaxpr
+    changed: bool
+    stats: Stats
+    seconds: float
+
+    @property
+    def eqns_before(self) -> int:
+        return ir.count_eqns(self.before)
+
+    @property
+    def eqns_after(self) -> int:
+        return ir.count_eqns(self.after)
+
+
+_REGISTRY: dict[str, Pass | list[str]] = {}
+
+
+def register_pass(p: Pass) -> Pass:
+    _REGISTRY[p.name] = p
+    return p
+
+
+def register_group(name: str, members: Sequence[str]) -> None:
+    """A name that stands for several passes in order (e.g. 'prune')."""
+    _REGISTRY[name] = list(members)
+
+
+def registered_passes() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def resolve(spec: str | Pass | Callable | Sequence) -> list[Pass]:
+    """Turn names, groups, Pass objects or bare functions into a flat pass list."""
+    if isinstance(spec, Pass):
+        return [spec]
+    if isinstance(spec, str):
+        entry = _REGISTRY.get(spec)
+        if entry is None:
+            raise ValueError(f"unknown pass {spec!r}; valid passes: {', '.join(registered_passes())}")
+        if isinstance(entry, Pass):
+            return [entry]
+        return [p for m in entry for p in resolve(m)]
+    if callable(spec):
+        return [Pass(getattr(spec, "__name__", "custom"), spec)]
+    if isinstance(spec, (list, tuple)):
+        return [p for s in spec for p in resolve(s)]
+    raise TypeError(f"a pass is a name, a Pass, or a function (jaxpr, ctx) -> PassResult; got {spec!r}")
+
+
+def placement_of(cj: ir.ClosedJaxpr) -> str:
+    """'post-AD' if the jaxpr already holds a backward pass (transposed equations)."""
+    for e, _, _ in ir.walk_eqns(cj):
+        ns = ir.name_stack(e)
+        if "transpose(" in ns:
+            return "post-AD"
+    return "pre-AD"
+
+
+def check_interface(name: str, before: ir.ClosedJaxpr, after: ir.ClosedJaxpr) -> None:
+    """A pass keeps input and output avals (shape, dtype, weak type)."""
+    bi, ai = before.in_avals, after.in_avals
+    bo, ao = before.out_avals, after.out_avals
+    if len(bi) != len(ai) or not all(ir.same_aval(a, b) for a, b in zip(bi, ai)):
+        raise PassError(f"pass {name!r} changed the inputs: {bi} -> {ai}")
+    if len(bo) != len(ao) or not all(ir.same_aval(a, b) for a, b in zip(bo, ao)):
+        raise PassError(f"pass {name!r} changed the outputs: "
+                        f"{[ir.aval_str(a) for a in bo]} -> {[ir.aval_str(a) for a in ao]}")
+
+
+class Pipeline:
+    """Ordered passes; rounds repeat until nothing changes when ``fixpoint``."""
+
+    def __init__(self, passes: Sequence, *, check: bool = True, fixpoint: bool = True,
+                 max_rounds: int = 4):
+        self.passes = resolve(list(passes))
+        self.check = check
+        self.fixpoint = fixpoint
+        self.max_rounds = max_rounds
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.passes]
+
+    def run(self, cj: ir.ClosedJaxpr, ctx: PassContext | None = None):
+        """Returns (optimized closed jaxpr, list of PassRecord)."""
+        ctx = ctx if ctx is not None else PassContext(placement=placement_of(cj))
+        records: list[PassRecord] = []
+        for rnd in range(self.max_rounds):
+            any_changed = False
+            for p in self.passes:
+                t0 = time.perf_counter()
+                try:
+                    res = p(cj, ctx)
+                except GraphoptError:
+                    raise
+                except Exception as exc:
+                    raise PassError(f"pass {p.name!r} failed: {type(exc).__name__}: {exc}") from exc
+                dt = time.perf_counter() - t0
+                if self.check and res.changed:
+                    try:
+                        ir.check(res.jaxpr)
+                    except Exception as exc:
+                        raise PassError(f"pass {p.name!r} produced an ill-typed jaxpr: {exc}") from exc
+                    check_interface(p.name, cj, res.jaxpr)
+                records.append(PassRecord(p.name, rnd, cj, res.jaxpr, res.changed, res.stats, dt))
+                any_changed |= res.changed
+                cj = res.jaxpr
+            if not (self.fixpoint and any_changed):
+                break
+        return cj, records
+
+
+__all__ = ["Pass", "PassResult", "PassContext", "PassRecord", "Pipeline", "PassError",
+           "GraphoptError", "register_pass", "register_group", "registered_passes",
+           "resolve", "placement_of", "check_interface"]

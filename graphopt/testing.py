@@ -1,0 +1,170 @@
+"""Equivalence checks for rewrites, for graphopt's tests and for users' own passes.
+
+``assert_equivalent(f, g, *args)`` compares outputs and gradients of two functions;
+``check_pass(p, f, *args)`` runs a pass on ``f``'s jaxpr and asserts the invariants
+every pass keeps: well-typed, same interface, same outputs and gradients, idempotent.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from . import ir
+from .errors import EquivalenceError
+from .passes import Pass, PassContext, check_interface, placement_of, resolve
+
+# Default tolerances per dtype: exact rewrites keep float32 to about 1e-6 relative.
+RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5, np.dtype(np.float16): 1e-2,
+        np.dtype(jnp.bfloat16): 2e-2}
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def max_rel_error(a, b) -> float:
+    """Largest |a-b| / max(|a|, |b|, tiny) over all elements (0 for exact matches)."""
+    a = np.asarray(a, dtype=np.float64) if _is_float(a) else np.asarray(a)
+    b = np.asarray(b, dtype=np.float64) if _is_float(b) else np.asarray(b)
+    if a.shape != b.shape:
+        return float("inf")
+    if not np.issubdtype(a.dtype, np.inexact):
+        return 0.0 if np.array_equal(a, b) else float("inf")
+    both_nan = np.isnan(a) & np.isnan(b)
+    diff = np.where(both_nan, 0.0, np.abs(a - b))
+    diff = np.where(np.isinf(a) & (a == b), 0.0, diff)
+    scale = np.maximum(np.maximum(np.abs(a), np.abs(b)), 1e-6)
+    scale = np.where(np.isfinite(scale), scale, 1.0)
+    return float(np.max(diff / scale)) if diff.size else 0.0
+
+
+def random_like(avals, seed: int = 0) -> list:
+    """Random arrays of the given avals (normal floats, small non-negative ints, bools)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in avals:
+        dt = np.dtype(a.dtype)
+        if np.issubdtype(dt, np.floating) or dt == jnp.bfloat16:
+            out.append(jnp.asarray(rng.standard_normal(a.shape), dtype=a.dtype))
+        elif np.issubdtype(dt, np.integer):
+            out.append(jnp.asarray(rng.integers(0, 2, a.shape), dtype=a.dtype))
+        elif dt == np.bool_:
+            out.append(jnp.asarray(rng.integers(0, 2, a.shape).astype(bool)))
+        else:
+            out.append(jnp.zeros(a.shape, a.dtype))
+    return out
+
+
+def _float_positions(args) -> list[int]:
+    return [i for i, x in enumerate(args) if _is_float(x)]
+
+
+def _grads(fn: Callable, args, cot_seed: int = 1):
+    """VJP of ``fn`` w.r.t. its float arguments against fixed random cotangents."""
+    pos = _float_positions(args)
+    if not pos:
+        return []
+
+    def f(*fl):
+        full = list(args)
+        for i, v in zip(pos, fl):
+            full[i] = v
+        outs = fn(*full)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        return [o for o in outs if _is_float(o)]
+
+    outs, vjp = jax.vjp(f, *[args[i] for i in pos])
+    if not outs:
+        return []
+    cots = random_like([ir.aval_of(o) for o in outs], seed=cot_seed)
+    return list(vjp(cots))
+
+
+def compare_fns(f: Callable, g: Callable, args: Sequence, grads: bool = True,
+                rtol: float | None = None) -> dict:
+    """{"outputs": {...}, "gradients": {...}} each with max_rel_err, ok."""
+    res = {}
+    fo = jax.tree_util.tree_leaves(f(*args))
+    go = jax.tree_util.tree_leaves(g(*args))
+    res["outputs"] = _summ(fo, go, rtol)
+    if grads:
+        res["gradients"] = _summ(_grads(f, list(args)), _grads(g, list(args)), rtol)
+    return res
+
+
+def _summ(xs, ys, rtol) -> dict:
+    if len(xs) != len(ys):
+        return {"max_rel_err": float("inf"), "ok": False}
+    worst, ok = 0.0, True
+    for x, y in zip(xs, ys):
+        err = max_rel_error(x, y)
+        tol = rtol if rtol is not None else RTOL.get(np.dtype(jnp.result_type(x)), 0.0)
+        worst = max(worst, err)
+        ok &= err <= tol
+    return {"max_rel_err": worst, "ok": bool(ok)}
+
+
+def compare_jaxprs(a: ir.ClosedJaxpr, b: ir.ClosedJaxpr, args, grads: bool = True,
+                   rtol: float | None = None) -> dict:
+    return compare_fns(lambda *x: ir.eval_jaxpr(a, *x), lambda *x: ir.eval_jaxpr(b, *x),
+                       args, grads, rtol)
+
+
+def assert_equivalent(f: Callable, g: Callable, *args, grads: bool = True,
+                      rtol: float | None = None) -> dict:
+    """Raise :class:`EquivalenceError` unless f and g agree on outputs (and gradients)."""
+    flat, tree = jax.tree_util.tree_flatten(args)
+
+    def flat_fn(fn):
+        return lambda *xs: jax.tree_util.tree_leaves(fn(*jax.tree_util.tree_unflatten(tree, list(xs))))
+
+    res = compare_fns(flat_fn(f), flat_fn(g), flat, grads, rtol)
+    for k, v in res.items():
+        if not v["ok"]:
+            raise EquivalenceError(f"{k} differ: max relative error {v['max_rel_err']:.3g}")
+    return res
+
+
+def check_pass(p, fn: Callable, *args, ctx: PassContext | None = None, rtol: float | None = None,
+               grads: bool = True, expect_change: bool = True):
+    """Run pass ``p`` on ``fn``'s jaxpr and assert every invariant; returns the PassResult.
+
+    Invariants: ``check_jaxpr`` holds, inputs/outputs keep their avals, outputs and
+    gradients match the original, a second run changes nothing (idempotence), and, when
+    ``expect_change``, the pass did change something.
+    """
+    passes = resolve(p)
+    flat, _ = jax.tree_util.tree_flatten(args)
+    cj = jax.make_jaxpr(lambda *xs: fn(*jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(args), list(xs))))(*flat)
+    ctx = ctx or PassContext(placement=placement_of(cj))
+    cur, changed = cj, False
+    for q in passes:
+        res = q(cur, ctx)
+        ir.check(res.jaxpr)
+        check_interface(q.name, cur, res.jaxpr)
+        changed |= res.changed
+        cur = res.jaxpr
+    if expect_change and not changed:
+        raise AssertionError(f"passes {[q.name for q in passes]} changed nothing")
+    again = cur
+    for q in passes:
+        r2 = q(again, ctx)
+        again = r2.jaxpr
+    if again is not cur and str(again) != str(cur):
+        raise AssertionError(f"passes {[q.name for q in passes]} are not idempotent")
+    res_cmp = compare_jaxprs(cj, cur, flat, grads, rtol)
+    for k, v in res_cmp.items():
+        if not v["ok"]:
+            raise EquivalenceError(f"{k} differ after {[q.name for q in passes]}: "
+                                   f"max relative error {v['max_rel_err']:.3g}")
+    from .passes import PassResult
+    return PassResult(cur, changed)
+
+
+__all__ = ["assert_equivalent", "check_pass", "compare_fns", "compare_jaxprs", "max_rel_error",
+           "random_like"]

@@ -1,0 +1,8 @@
+"""Pass families: one module each. Importing this package registers their passes."""
+from . import prune
+
+# Passes that join graphopt.optimize's default pipeline after "prune" (families add
+# theirs here when they are exact and fire only where their cost model says it pays).
+DEFAULT_EXTRA_PASSES: list[str] = []
+
+__all__ = ["prune", "DEFAULT_EXTRA_PASSES"]

@@ -1,0 +1,565 @@
+"""Pruning: dead code, constant folding, common subexpressions, algebraic identities.
+
+Passes (names as in ``graphopt.optimize(passes=[...])``; ``"prune"`` runs them all):
+
+- ``dce``: drops equations whose results nobody reads, and unused outputs of ``jit``,
+  ``cond``, ``scan``, ``custom_jvp/vjp``, ``remat`` and unused carries of ``while``.
+  Must not drop: effectful equations (print, callbacks, state), random ones, and
+  primitives graphopt does not know (they pass through and are counted).
+- ``fold``: evaluates pure equations whose inputs are all constants, when the result
+  is at most ``fold_max_bytes`` (default 64 KiB) so big constants are never
+  materialized into the program. Never runs random or effectful equations.
+- ``cse``: merges equations with the same primitive, parameters and inputs. Never
+  merges random, effectful or unknown equations.
+- ``simplify``: exact algebraic identities (x*1, x+0, x/1, -(-x), transpose chains,
+  reshape chains, no-op converts/broadcasts/reductions, select on a constant
+  predicate, max(x, x) ...). Rules that would change NaN/Inf behaviour (x*0 -> 0,
+  x-x -> 0) are deliberately absent.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import jax
+
+from graphopt import ir
+from graphopt.interpreter import RuleTable, Rewriter, Stats, rewrite, keep
+from graphopt.passes import Pass, PassContext, PassResult, register_group, register_pass
+
+# ============================================================================ DCE
+
+# Output-pruning rules for higher-order primitives: rule(used_outputs, eqn, stats)
+# -> (used_inputs, new_eqn). Default: JAX's own rule when it has one, else keep all.
+DCE_RULES: dict[str, object] = {}
+
+
+def _dce_default(used_outputs, eqn, stats):
+    rule = ir.dce_rule(eqn.primitive)
+    if rule is None or _has_unknown(eqn):
+        return [True] * len(eqn.invars), eqn
+    used_inputs, new_eqn = rule(list(used_outputs), eqn)
+    if new_eqn is not None and len(new_eqn.outvars) < len(eqn.outvars):
+        stats.hit(f"dce.{eqn.primitive.name}_outputs", len(eqn.outvars) - len(new_eqn.outvars))
+    return used_inputs, new_eqn
+
+
+def _has_unknown(eqn) -> bool:
+    known = ir.known_primitives()
+    for _, _, sub in ir.subjaxpr_params(eqn):
+        if any(e.primitive.name not in known for e, _, _ in ir.walk_eqns(sub)):
+            return True
+    return False
+
+
+def _dce_while(used_outputs, eqn, stats):
+    """Drop carries of a while loop that neither the result, the predicate nor another
+    needed carry reads. Identity: such a carry's value never reaches anything observable."""
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    body, cond = p["body_jaxpr"], p["cond_jaxpr"]
+    n_carry = len(eqn.outvars)
+    if ir.effectful(eqn):
+        return [True] * len(eqn.invars), eqn
+    cond_reads = _used_invars(cond.jaxpr)[cn:]
+    needed = [u or c for u, c in zip(used_outputs, cond_reads)]
+    while True:
+        _, used_in = ir.dce_jaxpr(body.jaxpr, needed)
+        new_needed = [n or u for n, u in zip(needed, used_in[bn:])]
+        if new_needed == needed:
+            break
+        needed = new_needed
+    if all(needed):
+        return [True] * len(eqn.invars), eqn
+    new_body, used_in = ir.dce_jaxpr(body.jaxpr, needed, instantiate=True)
+    # Keep the carry positions for needed carries even where the body ignores them.
+    keep_body_consts = used_in[:bn]
+    body_invars = ([v for v, k in zip(body.jaxpr.invars[:bn], keep_body_consts) if k]
+                   + [v for v, k in zip(body.jaxpr.invars[bn:], needed) if k])
+    new_body = ir.make_jaxpr_from(new_body, invars=body_invars)
+    cond_used = _used_invars(cond.jaxpr)
+    keep_cond_consts = cond_used[:cn]
+    cond_invars = ([v for v, k in zip(cond.jaxpr.invars[:cn], keep_cond_consts) if k]
+                   + [v for v, k in zip(cond.jaxpr.invars[cn:], needed) if k])
+    new_cond = ir.make_jaxpr_from(cond.jaxpr, invars=cond_invars)
+    ins = eqn.invars
+    used_inputs = list(keep_cond_consts) + list(keep_body_consts) + list(needed)
+    new_params = dict(p, cond_nconsts=sum(keep_cond_consts), body_nconsts=sum(keep_body_consts),
+                      cond_jaxpr=ir.closed(new_cond, cond.consts),
+                      body_jaxpr=ir.closed(new_body, body.consts))
+    new_eqn = eqn.replace(invars=[v for v, k in zip(ins, used_inputs) if k],
+                          outvars=[v for v, k in zip(eqn.outvars, needed) if k],
+                          params=new_params)
+    stats.hit("dce.while_carries", n_carry - sum(needed))
+    return used_inputs, new_eqn
+
+
+DCE_RULES["while"] = _dce_while
+
+
+def _used_invars(jaxpr) -> list[bool]:
+    used = {v for e in jaxpr.eqns for v in e.invars if ir.is_var(v)}
+    used |= {v for v in jaxpr.outvars if ir.is_var(v)}
+    return [v in used for v in jaxpr.invars]
+
+
+def _removable(eqn) -> bool:
+    return not ir.impure(eqn) and eqn.primitive.name in ir.known_primitives()
+
+
+def _dce_closed(cj: ir.ClosedJaxpr, stats: Stats, allow_consts=True) -> ir.ClosedJaxpr:
+    jaxpr = cj.jaxpr
+    live = {v for v in jaxpr.outvars if ir.is_var(v)}
+    kept = []
+    changed = False
+    for eqn in reversed(jaxpr.eqns):
+        used = [ir.is_var(v) and v in live for v in eqn.outvars]
+        if not any(used) and _removable(eqn):
+            stats.hit("dce.eqn")
+            changed = True
+            continue
+        if ir.has_subjaxprs(eqn) and eqn.primitive.name in ir.known_primitives():
+            new = ir.map_subjaxprs(eqn, lambda j, is_open: _dce_closed(j, stats))
+            rule = DCE_RULES.get(new.primitive.name, _dce_default)
+            used_inputs, pruned = rule(used, new, stats)
+            if pruned is None:  # JAX's rule says the whole equation is dead
+                stats.hit("dce.eqn")
+                changed = True
+                continue
+            if len(pruned.outvars) == len(new.outvars) and len(pruned.invars) == len(new.invars):
+                pruned = new  # JAX's rules rebuild the equation even when nothing was pruned
+            if pruned is not eqn:
+                changed = True
+            eqn = pruned
+            ins = [v for v, u in zip(new.invars, used_inputs) if u] \
+                if len(used_inputs) == len(new.invars) else eqn.invars
+            live.update(v for v in ins if ir.is_var(v))
+            live.update(v for v in eqn.invars if ir.is_var(v))
+        else:
+            live.update(v for v in eqn.invars if ir.is_var(v))
+        kept.append(eqn)
+    keep_consts = [v in live for v in jaxpr.constvars]
+    if not all(keep_consts):
+        changed = True
+        stats.hit("dce.const", keep_consts.count(False))
+    if not changed:
+        return cj
+    kept.reverse()
+    new = ir.make_jaxpr_from(
+        jaxpr, eqns=kept, constvars=[v for v, k in zip(jaxpr.constvars, keep_consts) if k])
+    return ir.closed(new, [c for c, k in zip(cj.consts, keep_consts) if k])
+
+
+def dce(cj: ir.ClosedJaxpr, ctx: PassContext | None = None) -> PassResult:
+    """Dead-code elimination, nested jaxprs and loop carries included."""
+    stats = Stats()
+    out = _dce_closed(cj, stats)
+    return PassResult(out, out is not cj, stats)
+
+
+# ================================================================ constant folding
+
+FOLD_MAX_BYTES = 64 * 1024
+# Layout ops that only repeat a constant: folding them would materialize big constants.
+_NO_FOLD = frozenset({"broadcast_in_dim", "iota", "full"})
+
+
+def _const_value(rw: Rewriter, atom):
+    if ir.is_literal(atom):
+        return ir.literal_value(atom)
+    return rw.known_consts.get(atom, _MISSING)
+
+
+_MISSING = object()
+
+
+def _np_broadcast(x, shape, broadcast_dimensions, **_):
+    expanded = np.reshape(x, [shape[i] if i in broadcast_dimensions else 1 for i in range(len(shape))]
+                          ) if np.ndim(x) else x
+    return np.broadcast_to(expanded, shape)
+
+
+# Exact NumPy evaluations (IEEE results identical to XLA's) that skip compiling a tiny
+# XLA program per folded equation; anything else is evaluated by binding the primitive.
+NUMPY_EVAL = {
+    "add": lambda x, y, **_: x + y, "sub": lambda x, y, **_: x - y,
+    "mul": lambda x, y, **_: x * y, "neg": lambda x, **_: -x,
+    "max": lambda x, y, **_: np.maximum(x, y), "min": lambda x, y, **_: np.minimum(x, y),
+    "eq": lambda x, y, **_: x == y, "ne": lambda x, y, **_: x != y,
+    "lt": lambda x, y, **_: x < y, "le": lambda x, y, **_: x <= y,
+    "gt": lambda x, y, **_: x > y, "ge": lambda x, y, **_: x >= y,
+    "and": lambda x, y, **_: x & y, "or": lambda x, y, **_: x | y, "not": lambda x, **_: ~x,
+    "broadcast_in_dim": lambda x, shape, broadcast_dimensions, **_: _np_broadcast(
+        x, shape, broadcast_dimensions),
+    "reshape": lambda x, new_sizes, dimensions=None, **_: np.reshape(x, new_sizes),
+    "transpose": lambda x, permutation, **_: np.transpose(x, permutation),
+    "select_n": lambda p, *cases, **_: np.choose(np.asarray(p, np.int32), cases),
+}
+
+
+def _evaluate(eqn, vals) -> list:
+    """Concrete outputs of a pure equation on constant inputs."""
+    fn = NUMPY_EVAL.get(eqn.primitive.name)
+    if fn is not None:
+        ins = [np.asarray(v, dtype=a.aval.dtype) for v, a in zip(vals, eqn.invars)]
+        out = fn(*ins, **eqn.params)
+        return [np.asarray(out, dtype=eqn.outvars[0].aval.dtype)]
+    with jax.ensure_compile_time_eval():
+        res = eqn.primitive.bind(*vals, **eqn.params)
+    return list(res) if eqn.primitive.multiple_results else [res]
+
+
+def _fold_default(rw: Rewriter, eqn):
+    if ir.impure(eqn) or ir.has_subjaxprs(eqn) or not eqn.outvars:
+        return None
+    vals = [_const_value(rw, a) for a in eqn.invars]
+    if any(v is _MISSING for v in vals):
+        return None
+    avals = [v.aval for v in eqn.outvars]
+    if any(not ir.is_array_aval(a) for a in avals):
+        return None
+    if sum(ir.aval_nbytes(a) for a in avals) > rw.fold_max_bytes:
+        return None
+    res = _evaluate(eqn, vals)
+    if eqn.primitive.name in _NO_FOLD and any(np.prod(a.shape) > 1 for a in avals):
+        # Keep the cheap broadcast, but let its consumers fold; DCE drops it if they all do.
+        for v, r in zip(eqn.outvars, res):
+            rw.known_consts[v] = np.asarray(r)
+        return None
+    outs = []
+    for v, r in zip(eqn.outvars, res):
+        arr = np.asarray(r)
+        atom = rw.const(arr if arr.ndim else arr.dtype.type(arr), v.aval)
+        if ir.is_var(atom):
+            rw.known_consts[atom] = arr
+        outs.append(atom)
+    rw.hit(f"fold.{eqn.primitive.name}")
+    return outs
+
+
+# Every pure primitive folds the same way (evaluate it), so the default does the work.
+FOLD = RuleTable("fold", default=_fold_default)
+
+
+def fold(cj: ir.ClosedJaxpr, ctx: PassContext | None = None) -> PassResult:
+    """Constant folding with a size cap (``fold_max_bytes`` option)."""
+    stats = Stats()
+    cap = ctx.option("fold_max_bytes", FOLD_MAX_BYTES) if ctx else FOLD_MAX_BYTES
+
+    def setup(rw: Rewriter, level: ir.ClosedJaxpr):
+        rw.fold_max_bytes = cap
+        # Small closed-over arrays count as constants; big ones stay symbolic.
+        rw.known_consts = {v: np.asarray(c) for v, c in zip(level.jaxpr.constvars, level.consts)
+                           if ir.aval_nbytes(v.aval) <= cap}
+
+    out = rewrite(cj, FOLD, stats, setup=setup)
+    return PassResult(out, out is not cj, stats)
+
+
+# ====================================================================== CSE
+
+def _param_key(v):
+    if isinstance(v, (ir.Jaxpr, ir.ClosedJaxpr)):
+        return ("jaxpr", id(v))
+    if isinstance(v, (tuple, list)):
+        return tuple(_param_key(x) for x in v)
+    if isinstance(v, np.ndarray):
+        return ("nd", v.dtype.str, v.shape, v.tobytes())
+    hash(v)  # raises TypeError for unhashable params: the equation is then not merged
+    return v
+
+
+def _atom_key(a):
+    if ir.is_literal(a):
+        val = ir.literal_value(a)
+        return ("lit", repr(np.asarray(val).tolist()), str(a.aval.dtype),
+                getattr(a.aval, "weak_type", False))
+    return a
+
+
+
+
+def _cse_default(rw: Rewriter, eqn):
+    if ir.impure(eqn) or not eqn.outvars:
+        return None
+    try:
+        key = (eqn.primitive.name, tuple(_atom_key(a) for a in eqn.invars),
+               tuple(sorted((k, _param_key(v)) for k, v in eqn.params.items())))
+        hash(key)
+    except TypeError:
+        return None
+    seen = rw.cse_table
+    prev = seen.get(key)
+    if prev is None:
+        seen[key] = eqn.outvars
+        return None
+    rw.hit(f"cse.{eqn.primitive.name}")
+    return list(prev)
+
+
+CSE = RuleTable("cse", default=_cse_default)
+
+
+def cse(cj: ir.ClosedJaxpr, ctx: PassContext | None = None) -> PassResult:
+    """Common-subexpression elimination, one table per jaxpr level."""
+    stats = Stats()
+
+    def setup(rw, level):
+        rw.cse_table = {}
+
+    out = rewrite(cj, CSE, stats, setup=setup)
+    return PassResult(out, out is not cj, stats)
+
+
+# ================================================================ simplification
+
+SIMPLIFY = RuleTable("simplify", default=keep)
+
+
+def _scalar_const(rw: Rewriter, atom):
+    """The value of ``atom`` if it is a constant whose elements are all equal, else None."""
+    if ir.is_literal(atom):
+        v = np.asarray(ir.literal_value(atom))
+    else:
+        prod = rw.graph_producer.get(atom)
+        if prod is not None and prod.primitive.name == "broadcast_in_dim" \
+                and ir.is_literal(prod.invars[0]):
+            v = np.asarray(ir.literal_value(prod.invars[0]))
+        else:
+            return None
+    if v.size == 0:
+        return None
+    first = v.flat[0]
+    return first if np.all(v == first) else None
+
+
+def _is(rw, atom, value) -> bool:
+    c = _scalar_const(rw, atom)
+    # Compare as Python numbers; a NaN constant never matches an identity element.
+    return c is not None and bool(c == value) and not (isinstance(c, float) and np.isnan(c))
+
+
+def _same(eqn, atom) -> bool:
+    """``atom`` can stand for the output: equal shape, dtype and weak type."""
+    return ir.is_var(atom) and ir.same_aval(atom.aval, eqn.outvars[0].aval)
+
+
+def _replace_by(rw, eqn, atom, rule):
+    rw.hit(f"simplify.{rule}")
+    return [atom]
+
+
+@SIMPLIFY.register("mul")
+def _mul(rw, eqn):
+    x, y = eqn.invars
+    # x * 1 = x and 1 * x = x exactly (also for NaN and Inf).
+    if _is(rw, y, 1) and _same(eqn, x):
+        return _replace_by(rw, eqn, x, "mul_one")
+    if _is(rw, x, 1) and _same(eqn, y):
+        return _replace_by(rw, eqn, y, "mul_one")
+    return None
+
+
+@SIMPLIFY.register("add", "add_any")
+def _add(rw, eqn):
+    x, y = eqn.invars
+    # x + 0 = x (exact up to the sign of zero: -0 + 0 is +0, and the two compare equal).
+    if _is(rw, y, 0) and _same(eqn, x):
+        return _replace_by(rw, eqn, x, "add_zero")
+    if _is(rw, x, 0) and _same(eqn, y):
+        return _replace_by(rw, eqn, y, "add_zero")
+    return None
+
+
+@SIMPLIFY.register("sub")
+def _sub(rw, eqn):
+    x, y = eqn.invars
+    # x - 0 = x exactly.
+    if _is(rw, y, 0) and _same(eqn, x):
+        return _replace_by(rw, eqn, x, "sub_zero")
+    return None
+
+
+@SIMPLIFY.register("div")
+def _div(rw, eqn):
+    x, y = eqn.invars
+    # x / 1 = x exactly (integer division by 1 too).
+    if _is(rw, y, 1) and _same(eqn, x):
+        return _replace_by(rw, eqn, x, "div_one")
+    return None
+
+
+@SIMPLIFY.register("integer_pow")
+def _ipow(rw, eqn):
+    # x ** 1 = x.
+    if eqn.params["y"] == 1 and _same(eqn, eqn.invars[0]):
+        return _replace_by(rw, eqn, eqn.invars[0], "pow_one")
+    return None
+
+
+@SIMPLIFY.register("neg")
+def _neg(rw, eqn):
+    # -(-x) = x exactly (negation only flips the sign bit).
+    prod = rw.graph_producer.get(eqn.invars[0])
+    if prod is not None and prod.primitive.name == "neg" and _same(eqn, prod.invars[0]):
+        return _replace_by(rw, eqn, prod.invars[0], "neg_neg")
+    return None
+
+
+@SIMPLIFY.register("max", "min", "and", "or")
+def _idempotent(rw, eqn):
+    # max(x, x) = min(x, x) = x & x = x | x = x.
+    x, y = eqn.invars
+    if x is y and _same(eqn, x):
+        return _replace_by(rw, eqn, x, f"{eqn.primitive.name}_self")
+    return None
+
+
+@SIMPLIFY.register("transpose")
+def _transpose(rw, eqn):
+    perm = tuple(eqn.params["permutation"])
+    x = eqn.invars[0]
+    # transpose by the identity permutation is x.
+    if perm == tuple(range(len(perm))) and _same(eqn, x):
+        return _replace_by(rw, eqn, x, "transpose_identity")
+    prod = rw.graph_producer.get(x)
+    if prod is not None and prod.primitive.name == "transpose":
+        # transpose(transpose(y, p), q) = transpose(y, p[q]).
+        inner = tuple(prod.params["permutation"])
+        composed = tuple(inner[i] for i in perm)
+        y = prod.invars[0]
+        rw.hit("simplify.transpose_transpose")
+        if composed == tuple(range(len(composed))) and _same(eqn, y):
+            return [y]
+        return rw.bind(lambda a: jax.lax.transpose(a, composed), y)
+    return None
+
+
+@SIMPLIFY.register("reshape")
+def _reshape(rw, eqn):
+    x = eqn.invars[0]
+    if len(eqn.invars) != 1 or eqn.params.get("dimensions") is not None:
+        return None
+    # reshape to the shape it already has is x.
+    if _same(eqn, x):
+        return _replace_by(rw, eqn, x, "reshape_noop")
+    prod = rw.graph_producer.get(x)
+    if prod is not None and prod.primitive.name == "reshape" and len(prod.invars) == 1 \
+            and prod.params.get("dimensions") is None:
+        # reshape(reshape(y, s1), s2) = reshape(y, s2): row-major order is kept by both.
+        y = prod.invars[0]
+        rw.hit("simplify.reshape_reshape")
+        if _same(eqn, y):
+            return [y]
+        shape = eqn.outvars[0].aval.shape
+        return rw.bind(lambda a: jax.lax.reshape(a, shape), y)
+    return None
+
+
+@SIMPLIFY.register("squeeze")
+def _squeeze(rw, eqn):
+    if not eqn.params["dimensions"] and _same(eqn, eqn.invars[0]):
+        return _replace_by(rw, eqn, eqn.invars[0], "squeeze_noop")
+    return None
+
+
+@SIMPLIFY.register("convert_element_type")
+def _convert(rw, eqn):
+    # A convert to the dtype (and weak type) the value already has does nothing.
+    if _same(eqn, eqn.invars[0]):
+        return _replace_by(rw, eqn, eqn.invars[0], "convert_noop")
+    return None
+
+
+@SIMPLIFY.register("broadcast_in_dim")
+def _broadcast(rw, eqn):
+    x = eqn.invars[0]
+    dims = tuple(eqn.params["broadcast_dimensions"])
+    # Broadcasting to the same shape along the identity dims is x.
+    if len(eqn.invars) == 1 and ir.is_var(x) and dims == tuple(range(len(dims))) \
+            and _same(eqn, x):
+        return _replace_by(rw, eqn, x, "broadcast_noop")
+    return None
+
+
+@SIMPLIFY.register("reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
+                   "reduce_and", "reduce_or")
+def _reduce(rw, eqn):
+    # Reducing over no axes is the identity.
+    if not eqn.params["axes"] and _same(eqn, eqn.invars[0]):
+        return _replace_by(rw, eqn, eqn.invars[0], "reduce_noop")
+    return None
+
+
+@SIMPLIFY.register("select_n")
+def _select(rw, eqn):
+    pred, *cases = eqn.invars
+    # select_n(p, x, x, ...) = x.
+    if all(c is cases[0] for c in cases) and _same(eqn, cases[0]):
+        return _replace_by(rw, eqn, cases[0], "select_same")
+    # select on a constant predicate picks one case.
+    c = _scalar_const(rw, pred)
+    if c is not None:
+        chosen = cases[int(c)]
+        if _same(eqn, chosen):
+            return _replace_by(rw, eqn, chosen, "select_const")
+    return None
+
+
+@SIMPLIFY.register("concatenate")
+def _concat(rw, eqn):
+    if len(eqn.invars) == 1 and _same(eqn, eqn.invars[0]):
+        return _replace_by(rw, eqn, eqn.invars[0], "concat_single")
+    return None
+
+
+@SIMPLIFY.register("slice")
+def _slice(rw, eqn):
+    # A slice covering the whole array with unit strides is the array.
+    x = eqn.invars[0]
+    p = eqn.params
+    full = (all(s == 0 for s in p["start_indices"]) and tuple(p["limit_indices"]) == x.aval.shape
+            and (p["strides"] is None or all(s == 1 for s in p["strides"])))
+    if full and _same(eqn, x):
+        return _replace_by(rw, eqn, x, "slice_full")
+    return None
+
+
+def _track_producers(rw: Rewriter, level):
+    rw.graph_producer = _ProducerMap(rw)
+
+
+class _ProducerMap:
+    """Producer of an atom among the equations emitted so far at this level."""
+
+    def __init__(self, rw: Rewriter):
+        self.rw = rw
+        self.seen = 0
+        self.by_var: dict = {}
+
+    def get(self, atom):
+        if not ir.is_var(atom):
+            return None
+        eqns = self.rw.eqns
+        for e in eqns[self.seen:]:
+            for v in e.outvars:
+                self.by_var[v] = e
+        self.seen = len(eqns)
+        return self.by_var.get(atom)
+
+
+def simplify(cj: ir.ClosedJaxpr, ctx: PassContext | None = None) -> PassResult:
+    """Algebraic simplification with exact identities only."""
+    stats = Stats()
+    out = rewrite(cj, SIMPLIFY, stats, setup=_track_producers)
+    return PassResult(out, out is not cj, stats)
+
+
+# ==================================================================== registration
+
+register_pass(Pass("dce", dce, "dead-code elimination (also unused outputs/carries)", "prune"))
+register_pass(Pass("fold", fold, "constant folding under a size cap", "prune"))
+register_pass(Pass("cse", cse, "common-subexpression elimination", "prune"))
+register_pass(Pass("simplify", simplify, "exact algebraic simplification", "prune"))
+register_group("prune", ["fold", "simplify", "cse", "dce"])
+
+__all__ = ["dce", "fold", "cse", "simplify", "DCE_RULES", "FOLD", "CSE", "SIMPLIFY"]
