@@ -7,13 +7,31 @@ from . import ir
 from .errors import EquivalenceError, GraphoptError, PassError, RewriteError
 from .interpreter import RuleTable, Rewriter, Stats, rewrite
 from .passes import Pass, PassContext, PassResult, Pipeline, register_pass, registered_passes
-from .api import Optimized, default_passes, optimize, optimize_jaxpr
+from .api import Optimized, default_passes, optimize, optimize_jaxpr, remat
 from .report import Report
 from . import analysis, testing
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "Optimized", "optimize_jaxpr", "default_passes", "Pass", "PassResult",
+# Drawing, plotting and pattern APIs load their heavier dependencies on first use.
+_LAZY = {
+    "draw": ("graphopt.viz", "draw"),
+    "diff": ("graphopt.viz", "diff"),
+    "memory_timeline": ("graphopt.memory", "memory_timeline"),
+    "pareto": ("graphopt.memory", "pareto"),
+    "rewrite": ("graphopt.patterns", "rewrite"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'graphopt' has no attribute {name!r}")
+
+
+__all__ = ["optimize", "remat", "draw", "diff", "memory_timeline", "pareto", "rewrite", "Optimized", "optimize_jaxpr", "default_passes", "Pass", "PassResult",
            "PassContext", "Pipeline", "RuleTable", "Rewriter", "Stats", "rewrite", "register_pass",
            "registered_passes", "Report", "GraphoptError", "PassError", "RewriteError",
            "EquivalenceError", "ir", "analysis", "testing"]

@@ -69,11 +69,14 @@ class Optimized:
             raise TypeError(f"graphopt.optimize expects a function, got {type(fun).__name__}")
         self.fun = fun
         functools.update_wrapper(self, fun)
+        self.options = dict(options or {})
         self.pass_specs = list(passes) if passes is not None else default_passes()
+        if self.options.get("memory_budget") is not None and "remat" not in self.pass_specs:
+            # A memory budget asks for rematerialization after the other passes.
+            self.pass_specs.append("remat")
         self.pipeline = Pipeline(self.pass_specs, check=True, max_rounds=max_rounds)
         self.check = check
         self.jit = jit
-        self.options = dict(options or {})
         self.static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
         self.static_argnames = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
         try:
@@ -248,6 +251,19 @@ def optimize(fun: Callable | None = None, *, passes=None, check: bool = False,
     return Optimized(fun, **kwargs)
 
 
+def remat(fun: Callable | None = None, *, memory_budget, **options):
+    """Rematerialize ``fun`` (a model or loss, before ``jax.grad``) under a memory budget.
+
+    ``memory_budget``: bytes (int or "2GiB") of XLA temp memory for the differentiated
+    program, or a float in (0, 1] as a fraction of its un-rematerialized temp memory.
+    The returned function steers what AD saves (names plus a checkpoint policy).
+    """
+    if fun is None:
+        return lambda f: remat(f, memory_budget=memory_budget, **options)
+    from graphopt.transforms import remat as _remat
+    return _remat.make_remat(fun, memory_budget=memory_budget, **options)
+
+
 def optimize_jaxpr(cj: ir.ClosedJaxpr, passes=None, **options):
     """Run the pipeline on an already traced closed jaxpr: (optimized, records)."""
     pipe = Pipeline(passes if passes is not None else default_passes(), check=True)
@@ -255,4 +271,4 @@ def optimize_jaxpr(cj: ir.ClosedJaxpr, passes=None, **options):
     return pipe.run(cj, ctx)
 
 
-__all__ = ["optimize", "Optimized", "optimize_jaxpr", "default_passes", "registered_passes"]
+__all__ = ["optimize", "remat", "Optimized", "optimize_jaxpr", "default_passes", "registered_passes"]
