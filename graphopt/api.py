@@ -84,6 +84,9 @@ class Optimized:
         except (TypeError, ValueError):
             self._sig = None
         self._cache: dict = {}
+        self._call = (jax.jit(self._inner, static_argnums=self.static_argnums,
+                              static_argnames=self.static_argnames)
+                      if jit else self._inner)
 
     # ------------------------------------------------------------------ arguments
     def _split(self, args, kwargs):
@@ -180,12 +183,23 @@ class Optimized:
         return entry, leaves
 
     # ------------------------------------------------------------------ public
-    def __call__(self, *args, **kwargs):
+    def _inner(self, *args, **kwargs):
+        """Trace-time body: look up (or build) the rewritten program and evaluate it."""
         entry, leaves = self._build(args, kwargs)
-        if self.check and not entry.checked:
-            self._check(entry, leaves)
-        out = entry.run(*leaves)
+        out = ir.eval_jaxpr(entry.optimized, *leaves)
         return jax.tree_util.tree_unflatten(entry.out_tree, out)
+
+    def __call__(self, *args, **kwargs):
+        if self.check:
+            entry, leaves = self._build(args, kwargs)
+            if not entry.checked:
+                self._check(entry, leaves)
+        try:
+            # jax.jit's own dispatch caches per signature: no Python overhead per call.
+            return self._call(*args, **kwargs)
+        except TypeError:
+            self._build(args, kwargs)  # raises a graphopt error naming a bad argument
+            raise
 
     def _check(self, entry: _Entry, leaves) -> None:
         from . import testing

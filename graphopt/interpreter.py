@@ -150,10 +150,17 @@ class Rewriter:
 
 
 def substitute_inputs(rw: Rewriter, eqn):
-    new_in = [rw.read(v) for v in eqn.invars]
-    if any(a is not b for a, b in zip(new_in, eqn.invars)):
-        return eqn.replace(invars=new_in)
-    return eqn
+    env = rw.env
+    if not env:
+        return eqn
+    changed = False
+    new_in = []
+    for v in eqn.invars:
+        # Literals are unhashable and never renamed; only Vars are looked up (hot loop).
+        a = env.get(v, v) if isinstance(v, ir.Var) else v
+        changed |= a is not v
+        new_in.append(a)
+    return eqn.replace(invars=new_in) if changed else eqn
 
 
 def rewrite(cj: ir.ClosedJaxpr, table: RuleTable, stats: Stats | None = None, *,

@@ -122,7 +122,7 @@ def aval_nbytes(aval) -> int:
     """Bytes of an array value; 0 for tokens and other non-array values."""
     if not is_array_aval(aval):
         return 0
-    return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+    return int(np.prod(aval.shape, dtype=np.int64)) * aval.dtype.itemsize  # PRNG key dtypes too
 
 
 def aval_str(aval) -> str:
@@ -202,8 +202,16 @@ def subjaxpr_params(eqn) -> Iterator[tuple[str, int | None, Jaxpr | ClosedJaxpr]
                 yield key, i, v
 
 
+_HAS_SUBJAXPRS: dict = {}
+
+
 def has_subjaxprs(eqn) -> bool:
-    return next(subjaxpr_params(eqn), None) is not None
+    # Whether a primitive carries sub-jaxprs is fixed per primitive: cache it (hot path).
+    prim = eqn.primitive
+    got = _HAS_SUBJAXPRS.get(prim)
+    if got is None:
+        got = _HAS_SUBJAXPRS[prim] = next(subjaxpr_params(eqn), None) is not None
+    return got
 
 
 def as_closed(j) -> ClosedJaxpr:

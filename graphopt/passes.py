@@ -9,6 +9,7 @@ avals), records a :class:`PassRecord` per pass run, and turns any failure into a
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -143,6 +144,17 @@ class Pipeline:
 
     def run(self, cj: ir.ClosedJaxpr, ctx: PassContext | None = None):
         """Returns (optimized closed jaxpr, list of PassRecord)."""
+        # Passes allocate many short-lived objects over a large, long-lived jaxpr heap:
+        # cyclic GC sweeps of that heap would dominate the run, so pause it meanwhile.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(cj, ctx)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _run(self, cj: ir.ClosedJaxpr, ctx: PassContext | None):
         ctx = ctx if ctx is not None else PassContext(placement=placement_of(cj))
         records: list[PassRecord] = []
         for rnd in range(self.max_rounds):

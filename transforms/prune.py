@@ -103,7 +103,9 @@ def _used_invars(jaxpr) -> list[bool]:
 
 
 def _removable(eqn) -> bool:
-    return not ir.impure(eqn) and eqn.primitive.name in ir.known_primitives()
+    # A dead jit/cond/... holding an unknown primitive is kept too: unknown is never dropped.
+    return (not ir.impure(eqn) and eqn.primitive.name in ir.known_primitives()
+            and not _has_unknown(eqn))
 
 
 def _dce_closed(cj: ir.ClosedJaxpr, stats: Stats, allow_consts=True) -> ir.ClosedJaxpr:
@@ -112,6 +114,8 @@ def _dce_closed(cj: ir.ClosedJaxpr, stats: Stats, allow_consts=True) -> ir.Close
     kept = []
     changed = False
     for eqn in reversed(jaxpr.eqns):
+        if eqn.primitive.name not in ir.known_primitives():
+            stats.unknown[eqn.primitive.name] += 1  # passed through, counted like other passes do
         used = [ir.is_var(v) and v in live for v in eqn.outvars]
         if not any(used) and _removable(eqn):
             stats.hit("dce.eqn")
@@ -269,28 +273,41 @@ def _param_key(v):
 
 
 def _atom_key(a):
-    if ir.is_literal(a):
-        val = ir.literal_value(a)
-        return ("lit", repr(np.asarray(val).tolist()), str(a.aval.dtype),
-                getattr(a.aval, "weak_type", False))
-    return a
+    if isinstance(a, ir.Var):
+        return a
+    # Raw bytes keep -0.0 apart from 0.0 (x + -0.0 and x + 0.0 differ at x = -0.0).
+    return ("lit", np.asarray(ir.literal_value(a), a.aval.dtype).tobytes(), a.aval.dtype,
+            getattr(a.aval, "weak_type", False))
 
 
+
+
+def _contains_impure(eqn) -> bool:
+    """A higher-order equation whose body holds a random or effectful equation."""
+    return any(ir.impure(e) for _, _, sub in ir.subjaxpr_params(eqn) for e, _, _ in ir.walk_eqns(sub))
 
 
 def _cse_default(rw: Rewriter, eqn):
-    if ir.impure(eqn) or not eqn.outvars:
+    if ir.impure(eqn) or not eqn.outvars or _contains_impure(eqn):
         return None
+    ins = tuple(_atom_key(a) for a in eqn.invars)
     try:
-        key = (eqn.primitive.name, tuple(_atom_key(a) for a in eqn.invars),
-               tuple(sorted((k, _param_key(v)) for k, v in eqn.params.items())))
+        # Fast path: params hash as they are (jaxpr params hash by identity).
+        key = (eqn.primitive.name, ins, tuple(eqn.params.items()))
         hash(key)
     except TypeError:
-        return None
+        try:
+            key = (eqn.primitive.name, ins,
+                   tuple(sorted((k, _param_key(v)) for k, v in eqn.params.items())))
+            hash(key)
+        except TypeError:
+            return None
     seen = rw.cse_table
     prev = seen.get(key)
     if prev is None:
-        seen[key] = eqn.outvars
+        # An equation with a dropped output cannot stand for a later one that is read.
+        if not any(ir.is_dropvar(v) for v in eqn.outvars):
+            seen[key] = eqn.outvars
         return None
     rw.hit(f"cse.{eqn.primitive.name}")
     return list(prev)
