@@ -30,5 +30,9 @@ test: $(STAMP) system-deps
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline_bench.py
 
+# Re-execute every notebook in place (they are committed with their outputs).
+notebooks: $(STAMP) system-deps
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
+
 clean:
 	rm -rf $(VENV) graphopt-report .pytest_cache *.egg-info
