@@ -32,7 +32,7 @@ bench: $(STAMP)
 
 # Re-execute every notebook in place (they are committed with their outputs).
 notebooks: $(STAMP) system-deps
-	$(BIN)/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
+	$(BIN)/python notebooks/execute.py
 
 clean:
 	rm -rf $(VENV) graphopt-report .pytest_cache *.egg-info
