@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 # Drawing, plotting and pattern APIs load their heavier dependencies on first use.
 _LAZY = {
     "draw": ("graphopt.viz", "draw"),
-    "diff": ("graphopt.viz", "diff"),
+    "diff": ("graphopt.viz_diff", "diff"),
     "memory_timeline": ("graphopt.memory", "memory_timeline"),
     "pareto": ("graphopt.memory", "pareto"),
     "rewrite": ("graphopt.patterns", "rewrite"),
