@@ -1,0 +1,141 @@
+"""Rematerialization under a byte budget: XLA temp memory vs budget on the zoo.
+
+Prints, per model (training step, post-AD placement) and budget (75/50/25% of the
+un-rematerialized XLA temp memory): measured XLA temp, whether it met budget + 5%,
+recomputed FLOPs, the solver, and the exact solver's FLOPs where it solved; then a
+Pareto table against per-block jax.checkpoint policies placed by hand (MLP, GPT).
+Memory-aware CPU scheduler: XLA_FLAGS is set below, before JAX starts.
+
+    python bench/remat_bench.py [--quick]
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from graphopt import analysis
+from graphopt.interpreter import Stats
+from graphopt.models import cnn, gpt, mlp, rnn
+from graphopt.passes import PassContext
+from graphopt.transforms import remat
+from graphopt.transforms.remat_plan import backward_start, build_plan
+from graphopt.transforms.remat_solvers import solve_greedy, solve_milp
+
+QUICK = "--quick" in sys.argv
+MiB = 2**20
+
+
+def zoo():
+    k = jax.random.PRNGKey(0)
+    s = dict(depth=8, width=128, batch=4, T=256)
+    p = mlp.init_deep(k, **s)
+    yield "mlp (8 blocks)", mlp.train_step_deep, (p, mlp.init_opt_state(p), mlp.example_batch_deep(k, **s)), \
+        lambda pol: mlp.make_train_step_deep(mlp.optimizer(), block_remat=pol)
+    g = dict(n_layers=4 if QUICK else 8, d_model=128, n_heads=4, seq_len=128, vocab=256, batch=4)
+    p = gpt.init(k, **g)
+    yield f"gpt ({g['n_layers']} layers)", gpt.train_step, (p, gpt.init_opt_state(p), gpt.example_batch(k, **{x: g[x] for x in ("batch", "seq_len", "vocab")})), \
+        lambda pol: gpt.make_train_step(gpt.optimizer(), block_remat=pol)
+    ps = gpt.init(k, **g, scan_layers=True)
+    yield "gpt scan", gpt.make_train_step(gpt.optimizer(), scan_layers=True), \
+        (ps, gpt.init_opt_state(ps), gpt.example_batch(k, **{x: g[x] for x in ("batch", "seq_len", "vocab")})), None
+    c = dict(batch=16, height=32, width=32, in_channels=3, channels=(32, 64), classes=10)
+    p = cnn.init(k, **c)
+    yield "cnn", cnn.train_step, (p, cnn.init_opt_state(p), cnn.example_batch(k, **c)), None
+    r = dict(batch=16, T=64, in_dim=64, hidden=256, out_dim=32)
+    p = rnn.init(k, **r)
+    yield "rnn", rnn.train_step, (p, rnn.init_opt_state(p), rnn.example_batch(k, **r)), None
+
+
+POLICIES = {"none (no remat)": None,
+            "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+            "dots_saveable": jax.checkpoint_policies.dots_saveable,
+            "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def flops_of(fn, args):
+    return analysis.xla_cost(fn, *args)["flops"]
+
+
+def main():
+    print(f"JAX {jax.__version__}, backend {jax.default_backend()}, scheduler "
+          f"{'memory-aware' if analysis.memory_aware_scheduler_active() else 'default'}")
+    rows, pareto = [], []
+    for name, step, args, make in zoo():
+        cj = jax.make_jaxpr(step)(*args)
+        base = remat.xla_temp(cj)
+        B = backward_start(cj.jaxpr)
+        plan = build_plan(cj, B) if B is not None else None
+        base_flops = flops_of(jax.jit(lambda *a: jax.core.eval_jaxpr(cj.jaxpr, cj.consts, *a)), jax.tree_util.tree_leaves(args))
+        prev = None
+        print(f"\n== {name}: {len(cj.jaxpr.eqns)} eqns, XLA temp without remat {base / MiB:.1f} MiB, "
+              f"{len(plan.segments) if plan else 0} candidate segments")
+        print(f"{'budget':>8} {'budget MiB':>10} {'XLA temp MiB':>12} {'ok(+5%)':>8} {'recompute GFLOP':>15} "
+              f"{'exact GFLOP':>11} {'solver':>28} {'pass s':>7}")
+        for frac in (0.75, 0.5, 0.25):
+            t0 = time.perf_counter()
+            bb = int(frac * base)
+            try:
+                res = remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": frac}))
+                mem = remat.xla_temp(res.jaxpr) if res.changed else base
+                fl = res.stats.hits.get("remat.flops_recomputed", 0)
+                solver = next((n.split("solver ")[1].split(";")[0] for n in res.stats.notes
+                               if "solver " in n), "-")
+                err = None
+            except remat.BudgetError as exc:
+                mem, fl, solver, err = None, 0, "infeasible", str(exc)
+            dt = time.perf_counter() - t0
+            exact = "-"
+            if plan is not None and plan.segments and err is None and res.changed:
+                # exact optimum of the same model target the chosen plan met
+                m = solve_milp(plan, plan.model_bytes([False] * len(plan.segments)) - (base - bb))
+                exact = f"{m.flops / 1e9:.3f}" if m.feasible else "-"
+            ok = mem is not None and mem <= bb * 1.05
+            mono = prev is None or mem is None or mem <= prev
+            rows.append((name, frac, ok, mono))
+            print(f"{frac:>8.0%} {bb / MiB:>10.1f} {('%.1f' % (mem / MiB)) if mem else '-':>12} {str(ok):>8} "
+                  f"{fl / 1e9:>15.3f} {exact:>11} {solver[:28]:>28} {dt:>7.1f}")
+            if err:
+                print("         ", err)
+            prev = mem if mem is not None else prev
+        if make is not None:
+            print(f"  Pareto vs hand-placed per-block jax.checkpoint ({name}):")
+            print(f"  {'variant':>34} {'XLA temp MiB':>12} {'extra GFLOP (XLA)':>17}")
+            for pname, pol in POLICIES.items():
+                s = make(pol)
+                mem = analysis.xla_memory(s, *args)["temp_bytes"]
+                extra = flops_of(jax.jit(s), args) - base_flops
+                print(f"  {pname:>34} {mem / MiB:>12.1f} {extra / 1e9:>17.3f}")
+                pareto.append((name, pname, mem, extra))
+            for frac in (0.75, 0.5, 0.35):
+                try:
+                    res = remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": frac}))
+                    fn = jax.jit(lambda *a, j=res.jaxpr: jax.core.eval_jaxpr(j.jaxpr, j.consts, *a))
+                    mem = remat.xla_temp(res.jaxpr)
+                    extra = flops_of(fn, jax.tree_util.tree_leaves(args)) - base_flops
+                    print(f"  {'graphopt remat ' + format(frac, '.0%'):>34} {mem / MiB:>12.1f} {extra / 1e9:>17.3f}")
+                except remat.BudgetError as exc:
+                    print(f"  {'graphopt remat ' + format(frac, '.0%'):>34}  infeasible")
+    n_ok = sum(r[2] for r in rows)
+    print(f"\nbudget met (XLA temp <= budget + 5%): {n_ok}/{len(rows)}; "
+          f"never rising as budget falls: {all(r[3] for r in rows)}")
+    # heuristic speed on a 10k-equation program
+    def f(x, w):
+        for _ in range(1200):
+            x = x + jnp.tanh(x @ w) * 0.5
+        return jnp.sum(x)
+    cj = jax.make_jaxpr(jax.grad(f))(jnp.ones((4, 8)), jnp.ones((8, 8)))
+    t0 = time.perf_counter()
+    plan = build_plan(cj, backward_start(cj.jaxpr), max_span=4)
+    t1 = time.perf_counter()
+    sol = solve_greedy(plan, plan.model_bytes([False] * len(plan.segments)) // 3)
+    print(f"heuristic on {len(cj.jaxpr.eqns)} eqns: plan {t1 - t0:.2f} s, solve {sol.seconds:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Rematerialization under a memory budget in bytes (pass ``remat``, ``graphopt.remat``).
+
+What it rewrites:
+
+- **post-AD** (a whole training step: forward, backward and update in one jaxpr): a
+  schedule rewrite. The forward is cut into segments (:mod:`.remat_plan`); for each
+  segment the solver (:mod:`.remat_solvers`) picks, the values the backward reads are
+  recomputed from the segment's live-ins right before their first backward use, and the
+  backward reads the recomputed copies, so the forward copies die early.
+- **pre-AD** (a model or loss that ``jax.grad`` will differentiate, via
+  :func:`make_remat` / ``graphopt.remat``): each chosen segment becomes a
+  ``jax.custom_vjp`` function whose forward saves only its inputs and whose backward
+  recomputes the segment and its VJP.
+
+Fence: XLA CPU drops ``optimization_barrier`` after compilation and its CSE merges a
+recomputation with the forward value it was meant to replace. Every recomputation here
+runs inside a ``lax.cond`` whose two branches are the same recomputation and whose
+predicate comes from a backward value (``g[0] == g[0]``): XLA cannot fold it, so the
+recomputation stays, happens after the cotangent exists, and results are identical
+whatever the predicate (both branches agree).
+
+Budget (option ``memory_budget``): int bytes, a string like ``"2GiB"``/``"300MB"``, or
+a float in (0, 1] = that fraction of the un-rematerialized program's XLA temp memory
+(``temp_size_in_bytes``). The plan's byte model is calibrated against XLA's figure by
+compiling candidates (a few compiles per program). A budget at or above the
+un-rematerialized need is a no-op (noted); a budget below the smallest reachable one
+raises ``ValueError`` stating that smallest feasible budget in bytes.
+
+Must not: recompute random, effectful, unknown primitives, ``while`` loops or
+``custom_vjp`` calls (their values stay saved); it never reorders effects (only pure
+equations are duplicated, inside the fence).
+"""
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from graphopt import analysis, ir
+from graphopt.interpreter import Stats
+from graphopt.passes import Pass, PassContext, PassResult, register_pass
+
+from . import remat_plan
+from .remat_plan import Plan, backward_start, build_plan
+from .remat_solvers import solve, solve_greedy
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(budget, reference: int | None = None) -> int:
+    """Bytes for an int, a string like "2GiB", or a float fraction of ``reference``."""
+    if isinstance(budget, bool) or budget is None:
+        raise ValueError(f"remat: memory_budget must be bytes, a string like '2GiB' or a "
+                         f"fraction in (0, 1], got {budget!r}")
+    if isinstance(budget, int):
+        if budget <= 0:
+            raise ValueError(f"remat: memory_budget must be positive, got {budget} bytes")
+        return budget
+    if isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"remat: a float memory_budget is a fraction in (0, 1], got {budget}")
+        if reference is None:
+            raise ValueError("remat: a fractional memory_budget needs the program's temp memory")
+        return max(1, int(budget * reference))
+    if isinstance(budget, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
+        if m and m.group(2).lower() in _UNITS:
+            return max(1, int(float(m.group(1)) * _UNITS[m.group(2).lower()]))
+        raise ValueError(f"remat: cannot read memory_budget {budget!r}; write e.g. '2GiB', "
+                         f"'512MiB', '300MB' or bytes as an int")
+    raise ValueError(f"remat: memory_budget must be int, str or float, got "
+                     f"{type(budget).__name__}")
+
+
+# ------------------------------------------------------------------------- the fence
+
+def _fence_pred(gs):
+    """A predicate XLA cannot fold, true unless the cotangent is NaN."""
+    s = sum(g.reshape(-1)[0].astype(jnp.float32) for g in gs)
+    return s == s
+
+
+def fenced(fn, gs, *xs):
+    """``fn(*xs)`` inside ``lax.cond(g[0] == g[0], fn, fn, ...)``: survives XLA's CSE."""
+    gs = [g for g in gs if jnp.issubdtype(g.dtype, jnp.floating) and g.size > 0]
+    if not gs:  # nothing to key on: an optimization barrier is all we can do
+        return fn(*lax.optimization_barrier(xs))
+    return lax.cond(_fence_pred(gs), fn, fn, *xs)
+
+
+def _float_var(v) -> bool:
+    a = getattr(v, "aval", None)
+    return (ir.is_var(v) and ir.is_array_aval(a) and jnp.issubdtype(a.dtype, jnp.floating)
+            and ir.aval_nbytes(a) > 0)
+
+
+# --------------------------------------------------------------------- post-AD rewrite
+
+def _segment_fun(jaxpr, seg):
+    sub = ir.make_jaxpr_from(jaxpr, constvars=[], invars=list(seg.inputs),
+                             outvars=list(seg.outputs), eqns=[jaxpr.eqns[i] for i in seg.eqns],
+                             effects=frozenset())
+    return ir.jaxpr_as_fun(ir.closed(sub))
+
+
+def apply_post_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats) -> ir.ClosedJaxpr:
+    """``cj`` with the chosen segments' residuals recomputed (fenced) before first use."""
+    jaxpr = cj.jaxpr
+    eqns = jaxpr.eqns
+    B = plan.bwd_start
+    produced_bwd = {v for e in eqns[B:] for v in e.outvars if ir.is_var(v)}
+    at: dict[int, list] = {}
+    for seg, r in zip(plan.segments, remat):
+        if not r:
+            continue
+        outs = set(seg.outputs)
+        u = min(i for i in range(B, len(eqns)) if any(a in outs for a in eqns[i].invars
+                                                      if ir.is_var(a)))
+        at.setdefault(u, []).append(seg)
+    env: dict = {}
+    new_eqns = list(eqns[:B])
+    consts = []
+    for i in range(B, len(eqns)):
+        e = eqns[i]
+        for seg in at.get(i, ()):
+            gs = [env.get(a, a) for a in e.invars if a in produced_bwd and _float_var(a)]
+            if not gs:  # the latest backward value made before this equation
+                for prev in reversed(new_eqns[B:]):
+                    gs = [v for v in prev.outvars if _float_var(v)][:1]
+                    if gs:
+                        break
+            if not gs:
+                stats.note(f"remat: segment {seg.name} has no backward value to key its "
+                           "fence on; used an optimization_barrier (XLA CPU may undo it)")
+            fn = _segment_fun(jaxpr, seg)
+            ng = len(gs)
+            inl = ir.inline(lambda *a, fn=fn, ng=ng: fenced(fn, a[:ng], *a[ng:]),
+                            list(gs) + list(seg.inputs))
+            # the "remat" scope marks recomputations for reports and memory plots
+            new_eqns.extend(ir.eqn_with_name_stack(x, "remat") for x in inl.eqns)
+            consts.extend(inl.consts)
+            env.update(zip(seg.outputs, inl.outs))
+            stats.hit("remat.segment")
+        new_in = [env.get(a, a) if ir.is_var(a) else a for a in e.invars]
+        new_eqns.append(e.replace(invars=new_in) if new_in != list(e.invars) else e)
+    outvars = [env.get(v, v) if ir.is_var(v) else v for v in jaxpr.outvars]
+    new = ir.make_jaxpr_from(jaxpr, constvars=list(jaxpr.constvars) + [v for v, _ in consts],
+                             outvars=outvars, eqns=new_eqns)
+    return ir.closed(new, list(cj.consts) + [c for _, c in consts])
+
+
+# ----------------------------------------------------------------------- calibration
+
+def _specs(cj):
+    return [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
+            for a in cj.in_avals]
+
+
+def xla_temp(cj: ir.ClosedJaxpr) -> int:
+    """XLA's temp bytes of a closed jaxpr compiled for its input avals."""
+    return analysis.xla_memory(cj, *_specs(cj))["temp_bytes"]
+
+
+def estimated_temp(cj: ir.ClosedJaxpr) -> int:
+    """graphopt's own liveness estimate (no compile; option remat_measure='estimate')."""
+    return int(analysis.peak_memory(cj)[0])
+
+
+MEASURES = {"xla": xla_temp, "estimate": estimated_temp}
+
+
+class BudgetError(ValueError):
+    """The memory budget is below what rematerialization can reach."""
+
+
+def choose(plan: Plan, build, measure, budget_bytes: int, base_mem: int, *, solver="auto",
+           tolerance: float = 0.05, max_compiles: int = 6, time_limit: float = 10.0,
+           stats: Stats | None = None):
+    """Pick a plan whose measured memory is <= budget * (1 + tolerance), fewest FLOPs.
+
+    ``build(remat) -> program``, ``measure(program) -> bytes``. Calibrates the byte model
+    target by the measured error (at most ``max_compiles`` compiles). Returns
+    (program, solution, measured bytes); raises :class:`BudgetError` when unreachable.
+    """
+    stats = stats if stats is not None else Stats()
+    none = [False] * len(plan.segments)
+    overhead = base_mem - plan.model_bytes(none)
+    limit = budget_bytes * (1 + tolerance)
+    target = budget_bytes - overhead
+    best = None
+    tried: dict = {}
+    ok_t = bad_t = None  # largest model target that fit, smallest that did not
+    for _ in range(max_compiles):
+        sol = solve(plan, int(target), solver, time_limit)
+        key = tuple(sol.remat)
+        if key not in tried:
+            prog = build(sol.remat)
+            tried[key] = (prog, measure(prog))
+        prog, mem = tried[key]
+        stats.note(f"remat: {sol.solver} in {sol.seconds * 1e3:.1f} ms for model target "
+                   f"{analysis.fmt_bytes(target)}: {sum(sol.remat)}/{len(sol.remat)} segments,"
+                   f" XLA temp {analysis.fmt_bytes(mem)}")
+        if mem <= limit:
+            if best is None or sol.flops < best[1].flops:
+                best = (prog, sol, mem)
+            ok_t = target if ok_t is None else max(ok_t, target)
+            if mem >= 0.9 * budget_bytes:
+                break
+        else:
+            bad_t = target if bad_t is None else min(bad_t, target)
+        if bad_t is None:      # under budget so far: loosen to recompute less
+            nxt = target + (budget_bytes - mem)
+        elif ok_t is None:     # over budget: tighten by the measured excess
+            nxt = target - (mem - budget_bytes)
+            if nxt < 0 and target < 0:
+                break
+        else:
+            nxt = (ok_t + bad_t) / 2
+        if abs(nxt - target) < 1024:
+            break
+        target = nxt
+    if best is not None:
+        return best
+    # Unreachable: report the smallest feasible budget (the least-memory plan, measured).
+    sol = solve_greedy(plan, 0)
+    key = tuple(sol.remat)
+    if key not in tried:
+        prog = build(sol.remat)
+        tried[key] = (prog, measure(prog))
+    floor = min(m for _, m in tried.values())
+    if floor <= limit:
+        prog, mem = min(tried.values(), key=lambda t: t[1])
+        return prog, sol, mem
+    raise BudgetError(
+        f"remat: memory_budget of {budget_bytes} bytes ({analysis.fmt_bytes(budget_bytes)}) is "
+        f"below what rematerialization reaches: the smallest feasible budget is {floor} bytes "
+        f"({analysis.fmt_bytes(floor)}); without remat the program needs {base_mem} bytes")
+
+
+# ------------------------------------------------------------------------- the pass
+
+def _target_level(cj: ir.ClosedJaxpr):
+    """(closed jaxpr holding the backward, wrap(new inner) -> new program) or None."""
+    if backward_start(cj.jaxpr) is not None:
+        return cj, lambda new: new
+    for idx, e in enumerate(cj.jaxpr.eqns):  # a step under one jit: rewrite its body
+        if e.primitive.name in ("jit", "pjit", "closed_call"):
+            for key, _, sub in ir.subjaxpr_params(e):
+                inner = ir.as_closed(sub)
+                found = _target_level(inner)
+                if found is None:
+                    continue
+                inner_cj, wrap_inner = found
+
+                def wrap(new, idx=idx, key=key, wrap_inner=wrap_inner, e=e, sub=sub):
+                    body = wrap_inner(new)
+                    if isinstance(sub, ir.Jaxpr):
+                        body = body.jaxpr
+                    ne = e.replace(params={**e.params, key: body})
+                    eqs = list(cj.jaxpr.eqns)
+                    eqs[idx] = ne
+                    return ir.closed(ir.make_jaxpr_from(cj.jaxpr, eqns=eqs), cj.consts)
+                return inner_cj, wrap
+    return None
+
+
+def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
+    stats = Stats()
+    budget = ctx.option("memory_budget")
+    if budget is None:
+        stats.note("remat: no memory_budget given; nothing to do")
+        return PassResult(cj, False, stats)
+    found = _target_level(cj)
+    if found is None:
+        stats.note("remat: no backward pass in this program (pre-AD placement); use "
+                   "graphopt.remat(fn, memory_budget=...) on a function jax.grad will "
+                   "differentiate")
+        parse_budget(budget, 1)  # still reject a malformed budget
+        return PassResult(cj, False, stats)
+    inner, wrap = found
+    if any(ir.name_stack(e).split("/")[0] == "remat" for e in inner.jaxpr.eqns):
+        # a fraction refers to the un-rematerialized program: never compound it
+        stats.note("remat: program already rematerialized by graphopt; left as is")
+        return PassResult(cj, False, stats)
+    plan = build_plan(inner, backward_start(inner.jaxpr), max_cuts=ctx.option("remat_max_cuts", 128))
+    how = ctx.option("remat_measure", "xla")
+    if how not in MEASURES:
+        raise ValueError(f"remat: remat_measure must be one of {sorted(MEASURES)}, got {how!r}")
+    measure = MEASURES[how]
+    base = measure(cj)
+    budget_bytes = parse_budget(budget, base)
+    sched = "memory-aware" if analysis.memory_aware_scheduler_active() else \
+        "default (set XLA_FLAGS=" + analysis.memory_aware_scheduler_flag() + " for real savings)"
+    stats.note(f"remat: post-AD schedule rewrite; memory measured by {how}"
+               + (f"; XLA CPU scheduler {sched}" if how == "xla" else ""))
+    if budget_bytes >= base:
+        stats.note(f"remat: budget {analysis.fmt_bytes(budget_bytes)} >= the program's "
+                   f"un-rematerialized temp memory {analysis.fmt_bytes(base)}: no-op")
+        return PassResult(cj, False, stats)
+    if not plan.segments:
+        stats.note("remat: no recomputable forward values reach the backward; nothing to drop")
+        return PassResult(cj, False, stats)
+
+    def build(remat):
+        return wrap(apply_post_ad(inner, plan, remat, Stats()))
+
+    prog, sol, mem = choose(plan, build, measure, budget_bytes, base,
+                            solver=ctx.option("remat_solver", "auto"),
+                            time_limit=ctx.option("remat_time_limit", 10.0), stats=stats)
+    if not any(sol.remat):
+        return PassResult(cj, False, stats)
+    prog = wrap(apply_post_ad(inner, plan, sol.remat, stats))
+    stats.note(f"remat: solver {sol.solver} ({sol.seconds * 1e3:.1f} ms); XLA temp "
+               f"{analysis.fmt_bytes(base)} -> {analysis.fmt_bytes(mem)} (saved "
+               f"{analysis.fmt_bytes(base - mem)}) for budget {analysis.fmt_bytes(budget_bytes)};"
+               f" recomputes {analysis.fmt_flops(sol.flops)}")
+    stats.hit("remat.flops_recomputed", int(sol.flops))
+    stats.hit("remat.bytes_saved", int(base - mem))
+    return PassResult(prog, True, stats)
+
+
+from .remat_pre import make_remat, apply_pre_ad  # noqa: E402  (pre-AD placement)
+
+register_pass(Pass("remat", remat_pass,
+                   "rematerialize under memory_budget: recompute forward segments before "
+                   "their backward uses (post-AD) or steer AD with fenced custom_vjp "
+                   "segments (graphopt.remat, pre-AD)", "remat"))
+
+__all__ = ["remat_pass", "make_remat", "apply_post_ad", "apply_pre_ad", "parse_budget",
+           "fenced", "choose", "xla_temp", "BudgetError", "remat_plan"]

@@ -1,0 +1,225 @@
+"""Rematerialization planning: segments of the forward pass and what dropping them saves.
+
+Reads a jaxpr, changes nothing. The forward part of a schedule (everything before the
+first backward equation, or a whole pre-AD function) is cut at *candidate cuts*:
+positions where few bytes cross from earlier to later forward equations (block
+boundaries of a residual network, for instance). Between two consecutive cuts lies a
+:class:`Segment`; rematerializing a segment means keeping only its *live-ins* (the
+values from earlier it needs) and recomputing its *residuals* (its values the backward
+reads) right before the backward first needs them.
+
+The memory model (:meth:`Plan.model_bytes`): bytes of the values that persist from
+forward to backward (residuals of kept segments, live-ins of rematerialized ones,
+residuals that cannot be recomputed), plus the largest rematerialized segment's
+residuals (live again while its backward runs). It is an estimate; the ``remat`` pass
+calibrates it against XLA's own figure.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from graphopt import analysis, ir
+
+# Primitives never recomputed even though they are pure: recomputing them costs more
+# than it can save, or they carry state of their own.
+NO_RECOMPUTE = frozenset({"while", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+
+
+def recomputable(eqn) -> bool:
+    """Pure, known, and deterministic: running it twice gives the same value."""
+    if ir.impure(eqn) or eqn.primitive.name in NO_RECOMPUTE:
+        return False
+    if eqn.primitive.name not in ir.known_primitives():
+        return False
+    return all(recomputable(e) for _, _, sub in ir.subjaxpr_params(eqn)
+               for e in ir.as_closed(sub).jaxpr.eqns)
+
+
+def backward_start(jaxpr) -> int | None:
+    """Index of the first equation of the backward pass (name stack 'transpose('), or None."""
+    for i, e in enumerate(jaxpr.eqns):
+        if "transpose(" in ir.name_stack(e):
+            return i
+    return None
+
+
+@dataclasses.dataclass
+class Segment:
+    start: int                    # equation range [start, stop) of the forward
+    stop: int
+    outputs: list                 # residuals it recomputes (vars read by the backward)
+    eqns: list                    # indices of the equations the recomputation runs
+    inputs: list                  # every var those equations read from outside (args too)
+    liveins: list                 # the inputs that are forward temporaries (kept if remat)
+    flops: float                  # FLOPs of one recomputation
+    out_bytes: int
+    pieces: tuple = (0, 0)        # the run of pieces [i, j) between cuts it covers
+
+    @property
+    def name(self) -> str:
+        return f"[{self.start}:{self.stop})"
+
+
+@dataclasses.dataclass
+class Plan:
+    """Segments of one forward pass, the byte sizes of the values they involve."""
+    n_forward: int
+    bwd_start: int                # first equation after the forward (len(eqns) pre-AD)
+    cuts: list
+    segments: list
+    pinned: list                  # residuals that cannot be recomputed (impure producers)
+    nbytes: dict                  # var -> bytes
+    residual_bytes: int           # all residuals, nothing rematerialized
+    n_pieces: int = 0
+
+    def model_bytes(self, remat) -> int:
+        """Estimated persistent + transient bytes when segments ``remat`` (bools) recompute."""
+        keep = set(self.pinned)
+        for s in self.segments:
+            keep.update(s.outputs)
+        live = set()
+        transient = 0
+        for s, r in zip(self.segments, remat):
+            if r:
+                keep.difference_update(s.outputs)
+                live.update(s.liveins)
+                transient = max(transient, s.out_bytes)
+        return sum(self.nbytes[v] for v in keep | live) + transient
+
+    def flops(self, remat) -> float:
+        return float(sum(s.flops for s, r in zip(self.segments, remat) if r))
+
+    def overlapping(self, remat) -> bool:
+        used = set()
+        for s, r in zip(self.segments, remat):
+            if r:
+                span = set(range(*s.pieces))
+                if used & span:
+                    return True
+                used |= span
+        return False
+
+
+def _cross_bytes(eqns, n_fwd: int) -> np.ndarray:
+    """cross[p] = bytes of forward temporaries made before p and read at p..n_fwd-1."""
+    first: dict = {}
+    last: dict = {}
+    for i in range(n_fwd):
+        e = eqns[i]
+        for a in e.invars:
+            if ir.is_var(a) and a in first:
+                last[a] = i
+        for v in e.outvars:
+            if ir.is_var(v):
+                first[v] = i
+    d = np.zeros(n_fwd + 2, np.int64)
+    for v, i in first.items():
+        l = last.get(v)
+        if l is not None and l > i:
+            b = ir.aval_nbytes(v.aval)
+            d[i + 1] += b
+            d[l + 1] -= b
+    return np.cumsum(d)[: n_fwd + 1]
+
+
+def candidate_cuts(eqns, n_fwd: int, max_cuts: int = 128) -> list[int]:
+    """Positions 0 < p < n_fwd where the crossing bytes are a local minimum.
+
+    A plateau contributes both its ends. At most ``max_cuts``, the cheapest.
+    """
+    if n_fwd < 2:
+        return []
+    cross = _cross_bytes(eqns, n_fwd)
+    cands = []
+    p = 1
+    while p < n_fwd:  # plateaus of equal bytes: both ends are candidates
+        q = p
+        while q + 1 < n_fwd and cross[q + 1] == cross[p]:
+            q += 1
+        left = cross[p - 1] if p > 1 else np.iinfo(np.int64).max
+        right = cross[q + 1] if q + 1 < n_fwd else np.iinfo(np.int64).max
+        if cross[p] < left and cross[p] < right or cross[p] == 0:
+            cands.extend([p] if q == p else [p, q])
+        p = q + 1
+    if len(cands) > max_cuts:
+        cands = sorted(sorted(cands, key=lambda p: (cross[p], p))[:max_cuts])
+    return cands
+
+
+def _segment(eqns, a, b, residuals, producer, can, flops, nbytes):
+    """The recomputation of forward equations [a, b): what it outputs, runs and reads."""
+    outs_s = [v for i in range(a, b) for v in eqns[i].outvars
+              if ir.is_var(v) and v in residuals and can[i]]
+    if not outs_s:
+        return None
+    need = set(outs_s)
+    picked = []
+    for i in range(b - 1, a - 1, -1):
+        e = eqns[i]
+        if not can[i] or not any(ir.is_var(v) and v in need for v in e.outvars):
+            continue
+        picked.append(i)
+        for x in e.invars:
+            if ir.is_var(x) and x in producer and a <= producer[x] < b and can[producer[x]]:
+                need.add(x)
+    picked.reverse()
+    made = {v for i in picked for v in eqns[i].outvars if ir.is_var(v)}
+    inputs, seen = [], set()
+    for i in picked:
+        for x in eqns[i].invars:
+            if ir.is_var(x) and x not in made and x not in seen:
+                seen.add(x)
+                inputs.append(x)
+    liveins = [x for x in inputs if x in producer]
+    return Segment(a, b, outs_s, picked, inputs, liveins, float(sum(flops[i] for i in picked)),
+                   int(sum(nbytes[v] for v in outs_s)))
+
+
+def build_plan(cj, bwd_start: int | None = None, residuals=None, max_cuts: int = 128,
+               max_span: int = 8) -> Plan:
+    """Segments of the forward ``eqns[:bwd_start]`` of ``cj``'s top-level jaxpr.
+
+    ``residuals``: the vars the backward reads; by default every forward var read at or
+    after ``bwd_start`` (post-AD). Program outputs are never residuals (they live to the
+    end anyway). Segments are runs of 1..``max_span`` consecutive pieces between cuts;
+    a solver picks non-overlapping ones.
+    """
+    jaxpr = cj.jaxpr if isinstance(cj, ir.ClosedJaxpr) else cj
+    eqns = jaxpr.eqns
+    n_fwd = len(eqns) if bwd_start is None else bwd_start
+    producer = {}
+    for i in range(n_fwd):
+        for v in eqns[i].outvars:
+            if ir.is_var(v):
+                producer[v] = i
+    outs = {v for v in jaxpr.outvars if ir.is_var(v)}
+    if residuals is None:
+        residuals = set()
+        for e in eqns[n_fwd:]:
+            for a in e.invars:
+                if ir.is_var(a) and a in producer:
+                    residuals.add(a)
+    residuals = {v for v in residuals if v in producer and v not in outs}
+    nbytes = {v: ir.aval_nbytes(v.aval) for v in producer}
+    can = [recomputable(eqns[i]) for i in range(n_fwd)]
+    pinned = sorted((v for v in residuals if not can[producer[v]]), key=lambda v: producer[v])
+    cuts = candidate_cuts(eqns, n_fwd, max_cuts)
+    bounds = [0] + cuts + [n_fwd]
+    flops = [analysis.eqn_cost(eqns[i]).flops if can[i] else 0.0 for i in range(n_fwd)]
+    segments = []
+    n_pieces = len(bounds) - 1
+    for pi in range(n_pieces):
+        for pj in range(pi + 1, min(n_pieces, pi + max_span) + 1):
+            seg = _segment(eqns, bounds[pi], bounds[pj], residuals, producer, can, flops, nbytes)
+            if seg is not None:
+                seg.pieces = (pi, pj)
+                segments.append(seg)
+    res_bytes = int(sum(nbytes[v] for v in residuals))
+    return Plan(n_fwd, n_fwd if bwd_start is None else bwd_start, cuts, segments, pinned,
+                nbytes, res_bytes, n_pieces)
+
+
+__all__ = ["Plan", "Segment", "build_plan", "candidate_cuts", "backward_start", "recomputable",
+           "NO_RECOMPUTE"]

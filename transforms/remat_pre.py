@@ -1,0 +1,253 @@
+"""Pre-AD rematerialization: steer what ``jax.grad`` saves, under a byte budget.
+
+:func:`make_remat` (``graphopt.remat``) traces a model or loss, cuts its equations into
+segments (:mod:`.remat_plan`) and turns each segment the solver picks into a
+``jax.custom_vjp`` function: its forward saves only the segment's inputs, its backward
+recomputes the segment and takes its VJP inside a fenced ``lax.cond`` keyed on the
+incoming cotangent (see :func:`graphopt.transforms.remat.fenced`), so XLA keeps the
+recomputation. Which values AD would save is estimated (inputs of non-linear
+primitives); the choice is then checked against XLA's temp memory of the
+differentiated program.
+
+Must not: wrap equations that are random, effectful or unknown (their chunk runs as
+is), or change the function's outputs or gradients.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from graphopt import analysis, ir
+from graphopt.interpreter import Stats
+
+from .remat_plan import Plan, build_plan, recomputable
+
+# Primitives whose VJP needs none of their inputs: their operands are not residuals.
+LINEAR = frozenset({
+    "add", "add_any", "sub", "neg", "reshape", "broadcast_in_dim", "transpose", "squeeze",
+    "expand_dims", "convert_element_type", "reduce_sum", "concatenate", "slice", "pad",
+    "copy", "copy_p", "real", "imag", "rev", "dynamic_slice", "dynamic_update_slice",
+    "gather", "select_n", "cumsum", "stop_gradient",
+})
+
+
+def ad_residuals(jaxpr) -> set:
+    """Vars AD is likely to save: operands of non-linear primitives."""
+    out = set()
+    for e in jaxpr.eqns:
+        if e.primitive.name in LINEAR:
+            if e.primitive.name == "select_n" and ir.is_var(e.invars[0]):
+                out.add(e.invars[0])
+            continue
+        out.update(a for a in e.invars if ir.is_var(a))
+        if e.primitive.name in ("exp", "tanh", "logistic", "sqrt", "rsqrt"):
+            out.update(v for v in e.outvars if ir.is_var(v))
+    return out
+
+
+def _is_float(aval) -> bool:
+    return ir.is_array_aval(aval) and jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+def _checkpointed(fn, in_avals, out_avals):
+    """``fn`` as a custom_vjp whose backward recomputes it (fenced) and takes its VJP."""
+    from .remat import fenced
+    fin = [i for i, a in enumerate(in_avals) if _is_float(a)]
+    fout = [i for i, a in enumerate(out_avals) if _is_float(a)]
+
+    @jax.custom_vjp
+    def seg(*xs):
+        return tuple(fn(*xs))
+
+    def fwd(*xs):
+        return tuple(fn(*xs)), xs
+
+    def bwd(xs, gs):
+        gsf = [gs[i] for i in fout]
+
+        def vjp_of(*ops):
+            xs_, g_ = list(ops[:len(xs)]), ops[len(xs):]
+
+            def f_float(*fx):
+                full = list(xs_)
+                for i, v in zip(fin, fx):
+                    full[i] = v
+                outs = fn(*full)
+                return [outs[i] for i in fout]
+            _, vjp = jax.vjp(f_float, *[xs_[i] for i in fin])
+            return tuple(vjp(list(g_)))
+        grads = fenced(vjp_of, gsf, *xs, *gsf)
+        res = [None] * len(xs)
+        for i, g in zip(fin, grads):
+            res[i] = g
+        return tuple(res)
+
+    seg.defvjp(fwd, bwd)
+    return seg
+
+
+def _chunk(jaxpr, a, b, later_reads):
+    eqns = jaxpr.eqns[a:b]
+    made, inputs, seen = set(), [], set()
+    for e in eqns:
+        for x in e.invars:
+            if ir.is_var(x) and x not in made and x not in seen:
+                seen.add(x)
+                inputs.append(x)
+        made.update(v for v in e.outvars if ir.is_var(v))
+    outputs = [v for e in eqns for v in e.outvars if ir.is_var(v) and v in later_reads]
+    sub = ir.make_jaxpr_from(jaxpr, constvars=[], invars=inputs, outvars=outputs, eqns=eqns,
+                             effects=ir.eqns_effects(eqns))
+    return inputs, outputs, ir.closed(sub)
+
+
+def apply_pre_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats | None = None
+                 ) -> ir.ClosedJaxpr:
+    """``cj`` with each chosen segment's equations behind a fenced custom_vjp."""
+    stats = stats if stats is not None else Stats()
+    jaxpr = cj.jaxpr
+    n = len(jaxpr.eqns)
+    bounds = []
+    pos = 0
+    for seg, r in zip(plan.segments, remat):
+        if not r:
+            continue
+        if any(not recomputable(e) for e in jaxpr.eqns[seg.start:seg.stop]):
+            stats.note(f"remat: segment {seg.name} holds a random/effectful/unknown "
+                       "equation; left as is")
+            continue
+        if seg.start > pos:
+            bounds.append((pos, seg.start, False))
+        bounds.append((seg.start, seg.stop, True))
+        pos = seg.stop
+    if pos < n:
+        bounds.append((pos, n, False))
+    # reads at or after each boundary (for chunk outputs)
+    reads_from = [set() for _ in range(n + 1)]
+    acc = {v for v in jaxpr.outvars if ir.is_var(v)}
+    reads_from[n] = set(acc)
+    for i in range(n - 1, -1, -1):
+        acc |= {x for x in jaxpr.eqns[i].invars if ir.is_var(x)}
+        reads_from[i] = set(acc)
+    chunks = []
+    for a, b, r in bounds:
+        ins, outs, sub = _chunk(jaxpr, a, b, reads_from[b])
+        f = ir.jaxpr_as_fun(sub)
+        if r:
+            f = _checkpointed(f, [v.aval for v in ins], [v.aval for v in outs])
+            stats.hit("remat.segment")
+        chunks.append((ins, outs, f))
+
+    def run(*args):
+        env = dict(zip(jaxpr.constvars, cj.consts))
+        env.update(zip(jaxpr.invars, args))
+        for ins, outs, f in chunks:
+            env.update(zip(outs, f(*[env[v] for v in ins])))
+        return [env[v] if ir.is_var(v) else ir.literal_value(v) for v in jaxpr.outvars]
+
+    return ir.trace_flat(run, cj.in_avals)
+
+
+def grad_program(cj: ir.ClosedJaxpr):
+    """The differentiated program AD builds from ``cj``: d(sum of float outputs)/d(float inputs)."""
+    fin = [i for i, a in enumerate(cj.in_avals) if _is_float(a)]
+
+    def g(*args):
+        def scalar(*fx):
+            full = list(args)
+            for i, v in zip(fin, fx):
+                full[i] = v
+            outs = ir.eval_jaxpr(cj, *full)
+            return sum(jnp.sum(o.astype(jnp.float32)) for o in outs if _is_float(ir.aval_of(o)))
+        return jax.grad(scalar, argnums=tuple(range(len(fin))))(*[args[i] for i in fin])
+    return g
+
+
+def grad_temp(cj: ir.ClosedJaxpr) -> int:
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
+             for a in cj.in_avals]
+    return analysis.xla_memory(grad_program(cj), *specs)["temp_bytes"]
+
+
+class Rematted:
+    """A function whose differentiation saves only what the remat solver chose."""
+
+    def __init__(self, fun, memory_budget, **options):
+        if not callable(fun):
+            raise TypeError(f"graphopt.remat expects a function, got {type(fun).__name__}")
+        from .remat import parse_budget
+        parse_budget(memory_budget, 1)  # reject a malformed budget now, not at first call
+        self.fun = fun
+        self.memory_budget = memory_budget
+        self.options = options
+        self._cache: dict = {}
+        self.stats: dict = {}
+        functools.update_wrapper(self, fun)
+
+    def _build(self, args, kwargs):
+        leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+        key = (tree, tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit, leaves
+
+        def flat(*xs):
+            a, kw = jax.tree_util.tree_unflatten(tree, list(xs))
+            return self.fun(*a, **kw)
+        specs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+        cj, out_shape = jax.make_jaxpr(flat, return_shape=True)(*specs)
+        prog, info = remat_jaxpr_pre_ad(cj, self.memory_budget, **self.options)
+        entry = (prog, jax.tree_util.tree_structure(out_shape))
+        self._cache[key] = entry
+        self.stats[key] = info
+        return entry, leaves
+
+    def __call__(self, *args, **kwargs):
+        (prog, out_tree), leaves = self._build(args, kwargs)
+        return jax.tree_util.tree_unflatten(out_tree, ir.eval_jaxpr(prog, *leaves))
+
+    def jaxpr(self, *args, **kwargs):
+        return self._build(args, kwargs)[0][0]
+
+    def info(self, *args, **kwargs) -> dict:
+        """What the solver chose for these arguments (solver, bytes, FLOPs, notes)."""
+        self._build(args, kwargs)
+        return list(self.stats.values())[-1]
+
+
+def remat_jaxpr_pre_ad(cj, memory_budget, solver="auto", max_cuts=128, time_limit=10.0,
+                       tolerance=0.05):
+    """(rewritten closed jaxpr, info dict) for a function that AD will differentiate."""
+    from .remat import choose, parse_budget
+    stats = Stats()
+    base = grad_temp(cj)
+    budget_bytes = parse_budget(memory_budget, base)
+    info = {"placement": "pre-AD", "base_bytes": base, "budget_bytes": budget_bytes,
+            "stats": stats}
+    if budget_bytes >= base:
+        stats.note(f"remat: budget {analysis.fmt_bytes(budget_bytes)} >= un-rematerialized "
+                   f"temp {analysis.fmt_bytes(base)} of the differentiated program: no-op")
+        info.update(bytes=base, flops=0.0, solver=None)
+        return cj, info
+    plan = build_plan(cj, None, residuals=ad_residuals(cj.jaxpr), max_cuts=max_cuts)
+    if not plan.segments:
+        stats.note("remat: nothing recomputable; no-op")
+        info.update(bytes=base, flops=0.0, solver=None)
+        return cj, info
+    prog, sol, mem = choose(plan, lambda r: apply_pre_ad(cj, plan, r), grad_temp, budget_bytes,
+                            base, solver=solver, time_limit=time_limit, tolerance=tolerance,
+                            stats=stats)
+    info.update(bytes=mem, flops=sol.flops, solver=sol.solver, seconds=sol.seconds,
+                segments=sum(sol.remat))
+    return prog, info
+
+
+def make_remat(fun, *, memory_budget, **options):
+    """``fun`` rematerialized for ``memory_budget`` (see :mod:`graphopt.transforms.remat`)."""
+    return Rematted(fun, memory_budget, **options)
+
+
+__all__ = ["make_remat", "apply_pre_ad", "ad_residuals", "Rematted", "remat_jaxpr_pre_ad",
+           "grad_program", "grad_temp", "LINEAR"]
