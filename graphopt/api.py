@@ -84,8 +84,10 @@ class Optimized:
         except (TypeError, ValueError):
             self._sig = None
         self._cache: dict = {}
-        self._call = (jax.jit(self._inner, static_argnums=self.static_argnums,
-                              static_argnames=self.static_argnames)
+        # jax.jit must see fun's signature to map static args given by name or position.
+        inner = functools.wraps(fun)(lambda *a, **k: self._inner(*a, **k))
+        self._call = (jax.jit(inner, static_argnums=self.static_argnums or None,
+                              static_argnames=self.static_argnames or None)
                       if jit else self._inner)
 
     # ------------------------------------------------------------------ arguments
@@ -163,6 +165,11 @@ class Optimized:
             original, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*specs)
         except GraphoptError:
             raise
+        except Exception as exc:
+            # Keep the user's exception type; say on top which graphopt call traced it.
+            exc.add_note(f"graphopt.optimize({self.__name__}): tracing the function failed for "
+                         f"inputs {[ir.aval_str(ir.aval_of(s)) for s in specs]}")
+            raise
         trace_s = time.perf_counter() - t0
         out_tree = jax.tree_util.tree_structure(out_shape)
         ctx = PassContext(placement=placement_of(original), options=self.options,
@@ -197,7 +204,7 @@ class Optimized:
         try:
             # jax.jit's own dispatch caches per signature: no Python overhead per call.
             return self._call(*args, **kwargs)
-        except TypeError:
+        except (TypeError, ValueError):
             self._build(args, kwargs)  # raises a graphopt error naming a bad argument
             raise
 

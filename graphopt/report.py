@@ -57,10 +57,15 @@ class Report:
         return total
 
     def unknown_primitives(self) -> Counter:
-        """Equations passed through untouched because a pass did not know their primitive."""
+        """Equations passed through untouched because a pass did not know their primitive.
+
+        Every pass run sees the same equations again, so the count is the largest any
+        single run saw, not a sum over runs.
+        """
         total: Counter = Counter()
         for r in self.records:
-            total.update(r.stats.unknown)
+            for k, v in r.stats.unknown.items():
+                total[k] = max(total[k], v)
         return total
 
     def notes(self) -> list[str]:
