@@ -17,7 +17,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 from . import analysis, testing
 from .api import optimize

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from . import ir
 from .errors import RewriteError
 
-Rule = Callable[["Rewriter", Any], "Sequence[Any] | None"]
+Rule = Callable[["Rewriter", Any], "list[Any] | None"]
 
 
 def keep(rw: "Rewriter", eqn) -> None:
@@ -133,7 +135,6 @@ class Rewriter:
 
     def const(self, value, aval=None):
         """An atom holding a constant: a literal for scalars, else a new constvar."""
-        import numpy as np
         arr = np.asarray(value)
         if arr.ndim == 0:
             return ir.literal(arr.dtype.type(arr) if aval is None else value,

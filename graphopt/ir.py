@@ -13,9 +13,7 @@ inlining a traced function's equations).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -39,8 +37,6 @@ DropVar = _jex.DropVar
 JaxprTypeError = _jex.JaxprTypeError
 ShapedArray = jax.core.ShapedArray
 Atom = Var | Literal
-
-JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
 # Primitives whose result depends on hidden RNG state or whose repetition matters even
 # without a declared effect: CSE must never merge them, folding must never run them.
@@ -142,11 +138,6 @@ def new_eqn(invars, outvars, primitive, params, effects=frozenset(), source_info
             ctx=None) -> JaxprEqn:
     return _jex.new_jaxpr_eqn(list(invars), list(outvars), primitive, dict(params),
                               effects, source_info, ctx)
-
-
-def replace_eqn(eqn: JaxprEqn, **kwargs) -> JaxprEqn:
-    """A copy of ``eqn`` with some of invars/outvars/params/effects replaced."""
-    return eqn.replace(**kwargs)
 
 
 def prim_name(eqn) -> str:
@@ -435,14 +426,6 @@ def primitive_counts(jaxpr) -> dict[str, int]:
     for e, _, _ in walk_eqns(jaxpr):
         out[e.primitive.name] = out.get(e.primitive.name, 0) + 1
     return out
-
-
-def fresh_names() -> Iterator[str]:
-    return (f"v{i}" for i in itertools.count())
-
-
-def pretty(cj) -> str:
-    return str(cj)
 
 
 __all__ = [n for n in dir() if not n.startswith("_")]

@@ -12,7 +12,6 @@ import dataclasses
 import gc
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from . import ir
 from .errors import GraphoptError, PassError

@@ -11,7 +11,7 @@ import dataclasses
 import html
 import os
 from collections import Counter
-from typing import Any, Callable
+from typing import Callable
 
 from . import analysis, ir
 

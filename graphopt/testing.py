@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from . import ir
 from .errors import EquivalenceError
-from .passes import Pass, PassContext, check_interface, placement_of, resolve
+from .passes import PassContext, check_interface, placement_of, resolve
 
 # Default tolerances per dtype: exact rewrites keep float32 to about 1e-6 relative.
 RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5, np.dtype(np.float16): 1e-2,

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 import graphopt
@@ -27,7 +26,6 @@ def test_demo_one_model_writes_table_and_html(tmp_path, capsys):
 
 
 FACTORY = '''
-import jax.numpy as jnp
 def f(x, w):
     return jnp.sin(x @ w) * 1.0 + jnp.sin(x @ w)
 def factory():
