@@ -65,7 +65,7 @@ def flops_of(fn, args):
 def main():
     print(f"JAX {jax.__version__}, backend {jax.default_backend()}, scheduler "
           f"{'memory-aware' if analysis.memory_aware_scheduler_active() else 'default'}")
-    rows, pareto = [], []
+    rows, pareto, est_err = [], [], []
     for name, step, args, make in zoo():
         cj = jax.make_jaxpr(step)(*args)
         base = remat.xla_temp(cj)
@@ -73,7 +73,10 @@ def main():
         plan = build_plan(cj, B) if B is not None else None
         base_flops = flops_of(jax.jit(lambda *a: jax.core.eval_jaxpr(cj.jaxpr, cj.consts, *a)), jax.tree_util.tree_leaves(args))
         prev = None
-        print(f"\n== {name}: {len(cj.jaxpr.eqns)} eqns, XLA temp without remat {base / MiB:.1f} MiB, "
+        est = remat.estimated_temp(cj)
+        est_err.append((name, est, base))
+        print(f"\n== {name}: {len(cj.jaxpr.eqns)} eqns, XLA temp without remat {base / MiB:.1f} MiB "
+              f"(graphopt estimate {est / MiB:.1f} MiB, error {(est - base) / base:+.0%}), "
               f"{len(plan.segments) if plan else 0} candidate segments")
         print(f"{'budget':>8} {'budget MiB':>10} {'XLA temp MiB':>12} {'ok(+5%)':>8} {'recompute GFLOP':>15} "
               f"{'exact GFLOP':>11} {'solver':>28} {'pass s':>7}")
@@ -121,6 +124,10 @@ def main():
                     print(f"  {'graphopt remat ' + format(frac, '.0%'):>34} {mem / MiB:>12.1f} {extra / 1e9:>17.3f}")
                 except remat.BudgetError as exc:
                     print(f"  {'graphopt remat ' + format(frac, '.0%'):>34}  infeasible")
+    print("\nliveness estimate vs XLA temp (no remat), per zoo model:")
+    for name, est, base in est_err:
+        print(f"  {name:>16}: estimate {est / MiB:7.1f} MiB, XLA {base / MiB:7.1f} MiB, "
+              f"error {(est - base) / base:+.0%}")
     n_ok = sum(r[2] for r in rows)
     print(f"\nbudget met (XLA temp <= budget + 5%): {n_ok}/{len(rows)}; "
           f"never rising as budget falls: {all(r[3] for r in rows)}")

@@ -26,6 +26,7 @@ def test_demo_one_model_writes_table_and_html(tmp_path, capsys):
 
 
 FACTORY = '''
+import jax.numpy as jnp
 def f(x, w):
     return jnp.sin(x @ w) * 1.0 + jnp.sin(x @ w)
 def factory():

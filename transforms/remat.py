@@ -107,7 +107,15 @@ def _segment_fun(jaxpr, seg):
     return ir.jaxpr_as_fun(ir.closed(sub))
 
 
-def apply_post_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats) -> ir.ClosedJaxpr:
+def _frontier(eqns, a: int, b: int) -> list:
+    """Float outputs of ``eqns[a:b]`` that no equation in ``eqns[a:b]`` reads."""
+    read = {x for e in eqns[a:b] for x in e.invars if ir.is_var(x)}
+    return [v for e in eqns[a:b] if not ir.impure(e) for v in e.outvars
+            if _float_var(v) and v not in read]
+
+
+def apply_post_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats,
+                  order_backward: bool = True) -> ir.ClosedJaxpr:
     """``cj`` with the chosen segments' residuals recomputed (fenced) before first use."""
     jaxpr = cj.jaxpr
     eqns = jaxpr.eqns
@@ -124,10 +132,17 @@ def apply_post_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats) -> ir.Clo
     env: dict = {}
     new_eqns = list(eqns[:B])
     consts = []
+    last = B  # backward equations before this index are already ordered before a fence
     for i in range(B, len(eqns)):
         e = eqns[i]
         for seg in at.get(i, ()):
             gs = [env.get(a, a) for a in e.invars if a in produced_bwd and _float_var(a)]
+            if order_backward:
+                # XLA CPU defers weight/bias-gradient reductions to the update, keeping
+                # each layer's big cotangents alive to the end: key the fence on every
+                # backward value made since the last fence that nothing before here reads.
+                gs += [env.get(v, v) for v in _frontier(eqns, last, i) if v not in gs]
+                last = i
             if not gs:  # the latest backward value made before this equation
                 for prev in reversed(new_eqns[B:]):
                     gs = [v for v in prev.outvars if _float_var(v)][:1]
@@ -179,7 +194,7 @@ class BudgetError(ValueError):
 
 def choose(plan: Plan, build, measure, budget_bytes: int, base_mem: int, *, solver="auto",
            tolerance: float = 0.05, max_compiles: int = 6, time_limit: float = 10.0,
-           stats: Stats | None = None):
+           stats: Stats | None = None, known: dict | None = None, anchor=None):
     """Pick a plan whose measured memory is <= budget * (1 + tolerance), fewest FLOPs.
 
     ``build(remat) -> program``, ``measure(program) -> bytes``. Calibrates the byte model
@@ -188,18 +203,23 @@ def choose(plan: Plan, build, measure, budget_bytes: int, base_mem: int, *, solv
     """
     stats = stats if stats is not None else Stats()
     none = [False] * len(plan.segments)
-    overhead = base_mem - plan.model_bytes(none)
+    m_none = plan.model_bytes(none)
     limit = budget_bytes * (1 + tolerance)
-    target = budget_bytes - overhead
+    target = budget_bytes - (base_mem - m_none)
+    if anchor is not None and base_mem > anchor[1] and m_none > anchor[0]:
+        # linear map model -> XLA through (no remat, base) and (least-memory plan, floor)
+        m0, x0 = anchor
+        target = m0 + (budget_bytes - x0) * (m_none - m0) / (base_mem - x0)
     best = None
     tried: dict = {}
     ok_t = bad_t = None  # largest model target that fit, smallest that did not
+    known = dict(known or {})  # plan -> measured bytes, already compiled by the caller
     for _ in range(max_compiles):
         sol = solve(plan, int(target), solver, time_limit)
         key = tuple(sol.remat)
         if key not in tried:
             prog = build(sol.remat)
-            tried[key] = (prog, measure(prog))
+            tried[key] = (prog, known[key] if key in known else measure(prog))
         prog, mem = tried[key]
         stats.note(f"remat: {sol.solver} in {sol.seconds * 1e3:.1f} ms for model target "
                    f"{analysis.fmt_bytes(target)}: {sum(sol.remat)}/{len(sol.remat)} segments,"
@@ -235,10 +255,13 @@ def choose(plan: Plan, build, measure, budget_bytes: int, base_mem: int, *, solv
     if floor <= limit:
         prog, mem = min(tried.values(), key=lambda t: t[1])
         return prog, sol, mem
-    raise BudgetError(
-        f"remat: memory_budget of {budget_bytes} bytes ({analysis.fmt_bytes(budget_bytes)}) is "
-        f"below what rematerialization reaches: the smallest feasible budget is {floor} bytes "
-        f"({analysis.fmt_bytes(floor)}); without remat the program needs {base_mem} bytes")
+    raise BudgetError(_infeasible_msg(budget_bytes, floor, base_mem))
+
+
+def _infeasible_msg(budget_bytes: int, floor: int, base_mem: int) -> str:
+    return (f"remat: memory_budget of {budget_bytes} bytes ({analysis.fmt_bytes(budget_bytes)}) "
+            f"is below what rematerialization reaches: the smallest feasible budget is {floor} "
+            f"bytes ({analysis.fmt_bytes(floor)}); without remat the program needs {base_mem} bytes")
 
 
 # ------------------------------------------------------------------------- the pass
@@ -305,15 +328,35 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
         stats.note("remat: no recomputable forward values reach the backward; nothing to drop")
         return PassResult(cj, False, stats)
 
-    def build(remat):
-        return wrap(apply_post_ad(inner, plan, remat, Stats()))
+    order = ctx.option("remat_order_backward", "auto")
+    if order not in ("auto", True, False):
+        raise ValueError(f"remat: remat_order_backward must be 'auto', True or False, got {order!r}")
+
+    def build(remat, order_backward=None):
+        ob = order if order_backward is None else order_backward
+        return wrap(apply_post_ad(inner, plan, remat, Stats(), order_backward=ob))
+
+    # The least-memory plan, measured once: it fixes the fence ordering that XLA keeps
+    # best (auto) and the smallest feasible budget, so infeasible budgets fail fast.
+    least = solve_greedy(plan, 0)
+    floors = {ob: measure(build(least.remat, ob)) for ob in
+              ((True, False) if order == "auto" else (order,))}
+    order = min(floors, key=lambda ob: (floors[ob], not ob))
+    floor = floors[order]
+    stats.note(f"remat: least-memory plan measures {analysis.fmt_bytes(floor)} "
+               + (f"(backward ordered at fences: {analysis.fmt_bytes(floors[True])}, not "
+                  f"ordered: {analysis.fmt_bytes(floors[False])})" if len(floors) == 2 else ""))
+    if floor > budget_bytes * 1.05:
+        raise BudgetError(_infeasible_msg(budget_bytes, floor, base))
 
     prog, sol, mem = choose(plan, build, measure, budget_bytes, base,
                             solver=ctx.option("remat_solver", "auto"),
-                            time_limit=ctx.option("remat_time_limit", 10.0), stats=stats)
+                            time_limit=ctx.option("remat_time_limit", 10.0), stats=stats,
+                            known={tuple(least.remat): floor},
+                            anchor=(least.model_bytes, floor))
     if not any(sol.remat):
         return PassResult(cj, False, stats)
-    prog = wrap(apply_post_ad(inner, plan, sol.remat, stats))
+    prog = wrap(apply_post_ad(inner, plan, sol.remat, stats, order_backward=order))
     stats.note(f"remat: solver {sol.solver} ({sol.seconds * 1e3:.1f} ms); XLA temp "
                f"{analysis.fmt_bytes(base)} -> {analysis.fmt_bytes(mem)} (saved "
                f"{analysis.fmt_bytes(base - mem)}) for budget {analysis.fmt_bytes(budget_bytes)};"
