@@ -5,7 +5,7 @@ rematerialization, ...), run the result through XLA. Start with :func:`optimize`
 """
 from . import ir
 from .errors import EquivalenceError, GraphoptError, PassError, RewriteError
-from .interpreter import RuleTable, Rewriter, Stats, rewrite
+from .interpreter import RuleTable, Rewriter, Stats
 from .passes import Pass, PassContext, PassResult, Pipeline, register_pass, registered_passes
 from .api import Optimized, default_passes, optimize, optimize_jaxpr, remat
 from .report import Report
@@ -32,6 +32,6 @@ def __getattr__(name):
 
 
 __all__ = ["optimize", "remat", "draw", "diff", "memory_timeline", "pareto", "rewrite", "Optimized", "optimize_jaxpr", "default_passes", "Pass", "PassResult",
-           "PassContext", "Pipeline", "RuleTable", "Rewriter", "Stats", "rewrite", "register_pass",
+           "PassContext", "Pipeline", "RuleTable", "Rewriter", "Stats", "register_pass",
            "registered_passes", "Report", "GraphoptError", "PassError", "RewriteError",
            "EquivalenceError", "ir", "analysis", "testing"]

@@ -342,20 +342,34 @@ class Inlined:
     consts: list  # (constvar, value) pairs the caller must provide
 
 
-def inline(fn: Callable, in_atoms: Sequence, *, params=None) -> Inlined:
-    """Trace ``fn`` on the avals of ``in_atoms`` and wire its equations to them.
+def copy_eqns(inner: Jaxpr, in_atoms: Sequence, const_atoms: Sequence = ()) -> tuple[list, list]:
+    """The equations of ``inner`` with fresh variables, wired to the given atoms.
 
-    The traced jaxpr is fresh, so its internal variables are reused as they are; only
-    its inputs are substituted. Array constants it captured come back in ``consts``.
+    Fresh variables matter: JAX caches traces, so one traced body inlined twice would
+    otherwise define the same variables twice. Returns (equations, output atoms).
     """
+    sub = dict(zip(inner.constvars, const_atoms))
+    sub.update(zip(inner.invars, in_atoms))
+    out = []
+    for e in inner.eqns:
+        ins = [sub.get(v, v) if is_var(v) else v for v in e.invars]
+        outs = []
+        for v in e.outvars:
+            nv = new_var(v.aval)
+            if not is_dropvar(v):
+                sub[v] = nv
+            outs.append(nv)
+        out.append(e.replace(invars=ins, outvars=outs))
+    return out, [sub.get(v, v) if is_var(v) else v for v in inner.outvars]
+
+
+def inline(fn: Callable, in_atoms: Sequence) -> Inlined:
+    """Trace ``fn`` on the avals of ``in_atoms``; its equations (fresh variables) wired to
+    them. Array constants it captured come back in ``consts`` under new constvars."""
     cj = trace_flat(fn, [a.aval for a in in_atoms])
-    sub = dict(zip(cj.jaxpr.invars, in_atoms))
-    eqns = []
-    for e in cj.jaxpr.eqns:
-        new_in = [sub.get(v, v) if is_var(v) else v for v in e.invars]
-        eqns.append(e.replace(invars=new_in) if new_in != list(e.invars) else e)
-    outs = [sub.get(v, v) if is_var(v) else v for v in cj.jaxpr.outvars]
-    return Inlined(eqns, outs, list(zip(cj.jaxpr.constvars, cj.consts)))
+    cvs = [new_var(v.aval) for v in cj.jaxpr.constvars]
+    eqns, outs = copy_eqns(cj.jaxpr, list(in_atoms), cvs)
+    return Inlined(eqns, outs, list(zip(cvs, cj.consts)))
 
 
 # ----------------------------------------------------------------------- graph view

@@ -1,0 +1,139 @@
+"""Attention fusion: hand-written attention in many spellings → jax.nn.dot_product_attention."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import graphopt
+from graphopt import ir
+from graphopt.models import gpt
+from graphopt.transforms import fuse  # noqa: F401
+
+from fuse_helpers import check, run_pass
+
+R = np.random.default_rng(0)
+B, T, S, N, H = 2, 5, 6, 3, 4
+
+
+def arr(*shape):
+    return jnp.asarray(R.normal(size=shape), jnp.float32)
+
+
+Q, K, V = arr(B, T, N, H), arr(B, S, N, H), arr(B, S, N, H)
+
+
+def heads_last(q, k, v, mask=None, bias=None, fill=-1e30):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0
+    if bias is not None:
+        s = s + bias
+    if mask is not None:
+        s = jnp.where(mask, s, fill)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+
+def hits(stats):
+    return sum(n for k, n in stats.hits.items() if k.startswith("fuse.attention"))
+
+
+def test_gpt_causal_attention_fused_every_layer():
+    key = jax.random.PRNGKey(0)
+    sizes = dict(n_layers=2, d_model=16, n_heads=2, seq_len=8, vocab=32)
+    p = gpt.init(key, **sizes)
+    batch = gpt.example_batch(key, batch=2, seq_len=8, vocab=32)
+    assert run_pass("fuse_attention", gpt.loss, p, batch)[2].hits["fuse.attention.causal"] == 2
+    p = {**p, "blocks": p["blocks"][:1]}      # gradients on one layer keep the compile short
+    cj, out, st = check("fuse_attention", gpt.loss, p, batch)
+    assert st.hits["fuse.attention.causal"] == 1
+    # No value of the hand-written [B, H, T, S] scores layout is computed any more.
+    def scores_exps(j):
+        return [e for e, _, _ in ir.walk_eqns(j) if e.primitive.name == "exp"
+                and e.outvars[0].aval.shape == (2, 2, 8, 8)]
+    assert len(scores_exps(cj)) == 1 and not scores_exps(out)
+
+
+@pytest.mark.parametrize("variant", ["heads_first", "no_heads", "log_softmax", "reciprocal",
+                                     "q_scaled", "unstabilized", "vmapped"])
+def test_attention_spellings(variant):
+    q, k, v = Q, K, V
+    if variant == "heads_first":
+        def f(q, k, v):
+            s = jnp.swapaxes(q, 1, 2) @ jnp.swapaxes(jnp.swapaxes(k, 1, 2), -1, -2) * 0.5
+            e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+            return (e / e.sum(-1, keepdims=True)) @ jnp.swapaxes(v, 1, 2)
+    elif variant == "no_heads":
+        q, k, v = Q[:, :, 0], K[:, :, 0], V[:, :, 0]
+        def f(q, k, v):
+            return jax.nn.softmax(jnp.einsum("bqd,bkd->bqk", q, k) / 2.0) @ v
+    elif variant == "log_softmax":
+        def f(q, k, v):
+            s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+            return jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(jax.nn.log_softmax(s)), v)
+    elif variant == "reciprocal":
+        def f(q, k, v):
+            s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+            e = jnp.exp(s - s.max(-1, keepdims=True))
+            return jnp.einsum("bhqk,bkhd->bqhd", e * (1.0 / e.sum(-1, keepdims=True)), v)
+    elif variant == "q_scaled":
+        def f(q, k, v):
+            s = jnp.einsum("bqhd,bkhd->bhqk", q * 0.5, k)
+            return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s), v)
+    elif variant == "unstabilized":
+        def f(q, k, v):
+            e = jnp.exp(jnp.einsum("bqhd,bkhd->bhqk", q, k))
+            return jnp.einsum("bhqk,bkhd->bqhd", e / e.sum(-1, keepdims=True), v)
+    else:
+        q, k, v = Q[:, :, 0], K[:, :, 0], V[:, :, 0]
+        f = jax.vmap(lambda q, k, v: jax.nn.softmax(q @ k.T * 0.5) @ v)
+    _, out, st = check("fuse_attention", f, q, k, v)
+    assert hits(st) == 1, st.notes
+
+
+def test_boolean_additive_and_causal_masks():
+    mask = jnp.asarray(R.random((B, 1, T, S)) > 0.3).at[..., 0].set(True)
+    _, _, st = check("fuse_attention", lambda q, k, v, m: heads_last(q, k, v, mask=m), Q, K, V, mask)
+    assert st.hits["fuse.attention"] == 1
+    bias = arr(1, N, T, S)
+    _, _, st = check("fuse_attention", lambda q, k, v, b: heads_last(q, k, v, bias=b), Q, K, V, bias)
+    assert st.hits["fuse.attention"] == 1
+    q = K + 0.5
+    causal = jnp.tril(jnp.ones((S, S), bool))
+    _, _, st = check("fuse_attention", lambda q, k, v: heads_last(q, k, v, mask=causal), q, K, V)
+    assert st.hits["fuse.attention.causal"] == 1
+
+
+def test_mask_that_is_not_causal_is_not_treated_as_causal():
+    q = K + 0.5
+    near = jnp.tril(jnp.ones((S, S), bool), k=1)
+    _, _, st = check("fuse_attention", lambda q, k, v: heads_last(q, k, v, mask=near), q, K, V)
+    assert st.hits == {"fuse.attention": 1}   # explicit mask, not is_causal
+
+
+def test_must_not_fire():
+    mask = jnp.asarray(R.random((B, 1, T, S)) > 0.3)
+    # A where-fill that is not a large negative number is not a mask.
+    _, out, st = run_pass("fuse_attention", lambda q, k, v: heads_last(q, k, v, mask=mask, fill=-1.0), Q, K, V)
+    assert not st.hits
+    # -inf fill with a mask that may empty a row: the original gives NaN there.
+    _, _, st = run_pass("fuse_attention", lambda q, k, v, m: heads_last(q, k, v, mask=m, fill=-jnp.inf),
+                        Q, K, V, mask)
+    assert not st.hits
+
+    # The scores are also returned: fusing would compute them twice.
+    def shared(q, k, v):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s), v), s
+    cj, out, st = run_pass("fuse_attention", shared, Q, K, V)
+    assert not st.hits and out is cj
+    assert any("also read elsewhere" in n or "output of the program" in n for n in st.notes)
+
+
+def test_post_ad_training_step_reports_why_and_grad_outside_fuses():
+    key = jax.random.PRNGKey(1)
+    sizes = dict(n_layers=1, d_model=16, n_heads=2, seq_len=8, vocab=32)
+    p = gpt.init(key, **sizes)
+    batch = gpt.example_batch(key, batch=2, seq_len=8, vocab=32)
+    _, _, st = run_pass("fuse_attention", jax.grad(gpt.loss), p, batch)
+    assert not st.hits and any("jax.grad(graphopt.optimize(loss))" in n for n in st.notes)
+    # Decorating the loss instead fuses (gradients through it: the test above).
+    fast = graphopt.optimize(gpt.loss, passes=["fuse_attention"])
+    assert fast.report(p, batch).hits()["fuse.attention.causal"] == 1

@@ -1,0 +1,88 @@
+"""Fusion passes: rewrites XLA cannot see on its own, on a pattern-rewrite engine.
+
+Passes (names for ``graphopt.optimize(passes=[...])``; ``"fuse"`` runs them all):
+
+- ``fuse_attention``: hand-written softmax(q·kᵀ)·v → ``jax.nn.dot_product_attention``
+  (cuDNN on GPU where dtype and head size allow, XLA elsewhere); see ``fuse_attention``.
+- ``fuse_batchnorm``: conv/dense followed by inference batch norm → folded weights.
+- ``fuse_parallel_dots``: dots sharing an input → one dot on concatenated weights.
+- ``fuse_matmul_chain``: matmul chains → the cheapest association.
+- ``fuse_cross_entropy``: output projection + softmax cross-entropy → chunked.
+- ``user_rewrites``: every rule registered with ``graphopt.rewrite(pattern, replacement)``.
+
+Each fires only where its cost model says it pays (see each module's docstring) and
+says in the report why a candidate was left alone. Fusions that need the forward
+before differentiation (attention, cross-entropy) cannot apply to a training step whose
+jaxpr already holds the backward pass: the report then says to decorate the loss.
+Option ``fuse_<name>=False`` switches one fusion off inside a pipeline.
+"""
+from __future__ import annotations
+
+from graphopt import patterns
+from graphopt.interpreter import Stats
+from graphopt.passes import Pass, PassContext, PassResult, register_group, register_pass
+
+from . import fuse_attention, fuse_batchnorm, fuse_dots, fuse_xent
+
+
+def _make_pass(name: str, rules, description: str) -> Pass:
+    def run(cj, ctx: PassContext | None = None) -> PassResult:
+        stats = Stats()
+        if ctx is not None and ctx.option(name, True) is False:
+            stats.note(f"{name}: switched off by option {name}=False")
+            return PassResult(cj, False, stats)
+        rs = rules() if callable(rules) else rules
+        if not rs:
+            return PassResult(cj, False, stats)
+        out = patterns.apply_rules(cj, rs, stats, ctx)
+        if ctx is not None and ctx.placement == "post-AD" and name in POST_AD_SENSITIVE \
+                and not stats.hits and not stats.notes:
+            stats.note(f"{name}: no candidate found in this post-AD jaxpr; if the forward holds "
+                       "one, " + fuse_attention.POST_AD_HINT)
+        return PassResult(out, out is not cj, stats)
+    run.__name__ = name
+    return register_pass(Pass(name, run, description, "fuse"))
+
+
+POST_AD_SENSITIVE = ("fuse_attention", "fuse_cross_entropy")
+
+fuse_attention_pass = _make_pass("fuse_attention", fuse_attention.RULES,
+                                 "hand-written attention -> jax.nn.dot_product_attention")
+fuse_batchnorm_pass = _make_pass("fuse_batchnorm", fuse_batchnorm.RULES,
+                                 "fold inference batch norm into conv/dense weights")
+fuse_parallel_dots_pass = _make_pass("fuse_parallel_dots", fuse_dots.PARALLEL_RULES,
+                                     "dots sharing an input -> one dot on concatenated weights")
+fuse_matmul_chain_pass = _make_pass("fuse_matmul_chain", fuse_dots.CHAIN_RULES,
+                                    "matmul chains -> cheapest association")
+fuse_cross_entropy_pass = _make_pass("fuse_cross_entropy", fuse_xent.RULES,
+                                     "output projection + cross-entropy -> vocabulary chunks")
+user_rewrites_pass = _make_pass("user_rewrites", patterns.user_rules,
+                                "rules registered with graphopt.rewrite")
+
+
+
+def _attention_where_it_pays(cj, ctx: PassContext | None = None) -> PassResult:
+    # On CPU XLA's dot_product_attention is the same computation as the hand-written one
+    # (no speed or memory gain measured), so the default pipeline fuses on GPU only.
+    if ctx is None or ctx.platform != "gpu":
+        stats = Stats()
+        stats.note("fuse_attention_auto: left attention unfused on "
+                   f"{ctx.platform if ctx else 'cpu'} (no gain there); passes=['fuse_attention'] forces it")
+        return PassResult(cj, False, stats)
+    return fuse_attention_pass(cj, ctx)
+
+
+fuse_attention_auto_pass = register_pass(Pass(
+    "fuse_attention_auto", _attention_where_it_pays,
+    "fuse_attention on GPU only (the default pipeline's choice)", "fuse"))
+
+FUSE_PASSES = ["fuse_attention", "fuse_batchnorm", "fuse_cross_entropy", "fuse_matmul_chain",
+               "fuse_parallel_dots", "user_rewrites"]
+register_group("fuse", FUSE_PASSES)
+# Exact fusions that join graphopt.optimize's default pipeline (each gated by its cost model).
+DEFAULT_FUSIONS = ["fuse_attention_auto", "fuse_batchnorm", "fuse_cross_entropy", "fuse_parallel_dots",
+                   "user_rewrites"]
+
+__all__ = ["FUSE_PASSES", "DEFAULT_FUSIONS", "fuse_attention_pass", "fuse_batchnorm_pass",
+           "fuse_parallel_dots_pass", "fuse_matmul_chain_pass", "fuse_cross_entropy_pass",
+           "user_rewrites_pass"]

@@ -1,0 +1,390 @@
+"""Fuse hand-written scaled dot-product attention into ``jax.nn.dot_product_attention``.
+
+Matches ``softmax(mask(scale * q·kᵀ)) · v`` on dataflow: the two ``dot_general``s in any
+layout whose batch dims pair up (heads first or last, heads folded into batch, no head
+axis), a scalar scale on the scores or on q, boolean masks (``jnp.where(mask, s,
+-big)``, either polarity; a constant lower-triangular one becomes ``is_causal=True``),
+additive masks/biases, and softmax written as ``jax.nn.softmax``, ``exp(s - max) / sum``
+(with or without ``stop_gradient``), ``exp(s) / sum(exp(s))``, multiplication by the
+reciprocal, or ``exp(log_softmax(s))``. Identity: all of these compute
+``softmax(scale·q·kᵀ + bias, where mask) · v`` row by row, which is what
+``dot_product_attention`` computes (its XLA implementation with the same ops; on GPU the
+cuDNN kernel where dtype and head size allow, bringing its own backward).
+
+Must not fire: when the scores or probabilities are read elsewhere (the saved softmax
+of a jaxpr that already holds the backward pass: decorate the loss instead, the report
+says so), when the "mask" fill is not a large negative number (then it is not a mask),
+with ``-inf`` fill and a mask that may empty a row (the original gives NaN there),
+when a scale follows the mask, or with more than two batch dims.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from graphopt.patterns import Match, Rule, View
+
+POST_AD_HINT = ("the jaxpr already holds the backward pass, which reads the forward's "
+                "intermediates; apply graphopt.optimize to the loss before jax.grad "
+                "(jax.grad(graphopt.optimize(loss))) so the fused kernel brings its own backward")
+FILL_MAX = -1e9  # a where-fill at or below this is a mask (exp underflows to exactly 0)
+_PASS = ("broadcast_in_dim", "reshape", "stop_gradient", "convert_element_type")
+
+
+def _through(view: View, atom, prims, eqns):
+    """Follow producers of kinds ``prims`` back from ``atom``, recording them."""
+    while True:
+        e = view.producer_eqn(atom)
+        if e is None or e.primitive.name not in prims:
+            return atom
+        eqns.add(view.producer[atom])
+        atom = e.invars[0]
+
+
+def _prod(view, atom, *names):
+    e = view.producer_eqn(atom)
+    return e if e is not None and e.primitive.name in names else None
+
+
+def _reduce(view, atom, prim, eqns):
+    """``atom`` = broadcast(reduce ``prim`` over one axis of x): (x, axis) or None."""
+    a = _through(view, atom, ("broadcast_in_dim", "reshape"), eqns)
+    e = _prod(view, a, prim)
+    if e is None or len(e.params["axes"]) != 1:
+        return None
+    eqns.add(view.producer[a])
+    return e.invars[0], e.params["axes"][0]
+
+
+def _max_of(view, atom, eqns):
+    """``atom`` = [stop_gradient] broadcast(max(-inf, reduce_max(x))): x or None."""
+    a = _through(view, atom, ("broadcast_in_dim", "reshape", "stop_gradient"), eqns)
+    e = _prod(view, a, "max")
+    if e is not None:
+        x, y = e.invars
+        if view.scalar_value(x) == -np.inf:
+            a = y
+        elif view.scalar_value(y) == -np.inf:
+            a = x
+        else:
+            return None
+        eqns.add(view.producer[e.outvars[0]])
+    e = _prod(view, a, "reduce_max")
+    if e is None or len(e.params["axes"]) != 1:
+        return None
+    eqns.add(view.producer[a])
+    return e.invars[0], e.params["axes"][0]
+
+
+def _centered(view, z, eqns):
+    """``z`` = s - max(s) (stabilized) or s itself: (s, axis of the max or None)."""
+    e = _prod(view, z, "sub")
+    if e is not None:
+        got = _max_of(view, e.invars[1], set())
+        if got is not None and got[0] is e.invars[0]:
+            _max_of(view, e.invars[1], eqns)
+            eqns.add(view.producer[z])
+            return e.invars[0], got[1]
+    return z, None
+
+
+def softmax_input(view: View, p, eqns: set):
+    """If ``p`` is a softmax of s along one axis: (s, axis); equations go into ``eqns``."""
+    e = _prod(view, p, "div", "mul", "exp")
+    if e is None:
+        return None
+    local = {view.producer[p]}
+    if e.primitive.name == "exp":  # exp(log_softmax(s))
+        d = _prod(view, e.invars[0], "sub")
+        if d is None:
+            return None
+        local.add(view.producer[e.invars[0]])
+        lg = _through(view, d.invars[1], ("broadcast_in_dim", "reshape"), local)
+        lge = _prod(view, lg, "log")
+        if lge is None:
+            return None
+        local.add(view.producer[lg])
+        red = _reduce(view, lge.invars[0], "reduce_sum", local)
+        if red is None:
+            return None
+        ex = _prod(view, red[0], "exp")
+        if ex is None or ex.invars[0] is not d.invars[0]:
+            return None
+        local.add(view.producer[red[0]])
+        s, ax = _centered(view, d.invars[0], local)
+        if ax is not None and ax != red[1]:
+            return None
+        eqns |= local
+        return s, red[1]
+    num, den = e.invars
+    if e.primitive.name == "mul":
+        for a, b in ((num, den), (den, num)):
+            r = _prod(view, b, "div", "integer_pow")
+            if r is None:
+                continue
+            if r.primitive.name == "div" and view.scalar_value(r.invars[0]) == 1.0:
+                num, den = a, r.invars[1]
+            elif r.primitive.name == "integer_pow" and r.params["y"] == -1:
+                num, den = a, r.invars[0]
+            else:
+                continue
+            local.add(view.producer[b])
+            break
+        else:
+            return None
+    ex = _prod(view, num, "exp")
+    if ex is None:
+        return None
+    local.add(view.producer[num])
+    red = _reduce(view, den, "reduce_sum", local)
+    if red is None or red[0] is not num:
+        return None
+    s, ax = _centered(view, ex.invars[0], local)
+    if ax is not None and ax != red[1]:
+        return None
+    eqns |= local
+    return s, red[1]
+
+
+@dataclasses.dataclass
+class _Scores:
+    dot: int                     # index of q·kᵀ
+    scale: float = 1.0
+    masks: list = dataclasses.field(default_factory=list)   # (pred atom, keep_if_true, fill)
+    biases: list = dataclasses.field(default_factory=list)
+    q_scale_eqns: set = dataclasses.field(default_factory=set)
+
+
+def _scores(view: View, s, eqns: set, acc: _Scores | None = None, seen_scale=False):
+    """Walk back from the softmax input to q·kᵀ through masks, biases and scales."""
+    acc = acc or _Scores(-1)
+    e = view.producer_eqn(s)
+    if e is None:
+        return None
+    i = view.producer[s]
+    name = e.primitive.name
+    if name == "dot_general":
+        acc.dot = i
+        eqns.add(i)
+        return acc
+    if name == "convert_element_type":
+        eqns.add(i)
+        return _scores(view, e.invars[0], eqns, acc, seen_scale)
+    if name in ("mul", "div"):
+        for k in ((0, 1) if name == "mul" else (1,)):
+            c = view.scalar_value(e.invars[k])
+            other = e.invars[1 - k]
+            if c is None or c == 0 or tuple(other.aval.shape) != tuple(s.aval.shape):
+                continue
+            acc.scale *= (c if name == "mul" else 1.0 / c)
+            eqns.add(i)
+            return _scores(view, other, eqns, acc, True)
+        return None
+    if seen_scale:
+        return None  # a scale after the mask would scale the mask too
+    if name == "select_n" and len(e.invars) == 3:
+        pred, a, b = e.invars
+        for keep_true, fill, x in ((True, a, b), (False, b, a)):
+            fv = view.scalar_value(fill)
+            if fv is not None and fv <= FILL_MAX and tuple(x.aval.shape) == tuple(s.aval.shape):
+                acc.masks.append((pred, keep_true, fv))
+                eqns.add(i)
+                return _scores(view, x, eqns, acc, seen_scale)
+        return None
+    if name == "add":
+        for k in (0, 1):
+            x, bias = e.invars[k], e.invars[1 - k]
+            if tuple(x.aval.shape) != tuple(s.aval.shape):
+                continue
+            sub = set()
+            got = _scores(view, x, sub, dataclasses.replace(acc, masks=list(acc.masks),
+                                                           biases=list(acc.biases) + [bias]),
+                          seen_scale)
+            if got is not None:
+                eqns |= sub | {i}
+                return got
+    return None
+
+
+def _dims(eqn, side):
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    c, b = (lc, lb) if side == 0 else (rc, rb)
+    nd = eqn.invars[side].aval.ndim
+    free = [d for d in range(nd) if d not in c and d not in b]
+    return list(c), list(b), free
+
+
+def _canon(x, b_dims, t, h):
+    """x → [B, T, N, H] from its batch dims (≤2), sequence dim ``t`` and feature dim ``h``."""
+    perm = list(b_dims[:1]) + [t] + list(b_dims[1:2]) + [h]
+    x = jnp.transpose(x, perm)
+    if len(b_dims) == 0:
+        x = x[None]
+    if len(b_dims) < 2:
+        x = x[:, :, None]
+    return x
+
+
+def _to_canon4(x, s_rank, batch_pos, t_pos, s_pos):
+    """A mask/bias laid out like the scores (rank ``s_rank`` or scalar) → [B, N, T, S]."""
+    x = jnp.reshape(x, (1,) * s_rank) if x.ndim == 0 else x
+    perm = list(batch_pos) + [t_pos, s_pos]
+    x = jnp.transpose(x, perm)
+    if len(batch_pos) == 1:
+        x = x[:, None]
+    elif not batch_pos:
+        x = x[None, None]
+    return x
+
+
+class AttentionRule(Rule):
+    def __init__(self):
+        super().__init__("fuse.attention", roots=("dot_general",))
+
+    def find(self, view: View, i: int) -> Match | None:
+        root = view.eqns[i]
+        for p_side in (0, 1):
+            m = self._find(view, i, root, p_side)
+            if m is not None:
+                return m
+        return None
+
+    def _find(self, view, i, root, p_side):
+        p = root.invars[p_side]
+        v = root.invars[1 - p_side]
+        eqns = {i}
+        sm = softmax_input(view, p, eqns)
+        if sm is None:
+            return None
+        s, ax = sm
+        acc = _scores(view, s, eqns)
+        if acc is None:
+            return None
+        d1 = view.eqns[acc.dot]
+        if len(d1.outvars[0].aval.shape) != len(p.aval.shape):
+            return None
+        (c0, b0, f0), (c1, b1, f1) = _dims(d1, 0), _dims(d1, 1)
+        nb = len(b0)
+        if len(c0) != 1 or len(f0) != 1 or len(f1) != 1 or nb > 2:
+            return None
+        # Scores dims: batch..., lhs free, rhs free. The softmax axis is the key axis.
+        if ax == nb + 1:
+            q_side, t_pos, s_pos = 0, nb, nb + 1
+        elif ax == nb:
+            q_side, t_pos, s_pos = 1, nb + 1, nb
+        else:
+            return None
+        qc, qb, qf = (c0, b0, f0) if q_side == 0 else (c1, b1, f1)
+        kc, kb, kf = (c1, b1, f1) if q_side == 0 else (c0, b0, f0)
+        q, k = d1.invars[q_side], d1.invars[1 - q_side]
+        # Second dot: p's key axis contracts with v's sequence axis; batch dims pair up.
+        pc, pb, pf = _dims(root, p_side)
+        vc, vb, vf = _dims(root, 1 - p_side)
+        if pc != [s_pos] or sorted(pb) != list(range(nb)) or pf != [t_pos] or len(vf) != 1:
+            return None
+        v_batch = [vb[pb.index(j)] for j in range(nb)]
+        if q.aval.dtype != k.aval.dtype or q.aval.dtype != v.aval.dtype:
+            return None
+        # Output dims of the root, named by canonical [B, T, N, H] axes.
+        names = {0: 0, 1: 2}
+        out_names = [names[pb[j]] for j in range(nb)]
+        out_names += [1, 3] if p_side == 0 else [3, 1]
+        H = q.aval.shape[qc[0]]
+        T, S = s.aval.shape[t_pos], s.aval.shape[s_pos]
+        causal, masks = False, []
+        for pred, keep_true, fill in acc.masks:
+            src, bdims = pred, tuple(range(len(s.aval.shape)))
+            e = view.producer_eqn(pred)
+            if e is not None and e.primitive.name == "broadcast_in_dim" \
+                    and list(e.params["broadcast_dimensions"]) == sorted(e.params["broadcast_dimensions"]):
+                src, bdims = e.invars[0], tuple(e.params["broadcast_dimensions"])
+            val = view.constant_value(src)
+            if val is not None:
+                full = np.reshape(val, [src.aval.shape[bdims.index(d)] if d in bdims else 1
+                                        for d in range(len(s.aval.shape))])
+                full = np.broadcast_to(full, s.aval.shape) if full.size <= (1 << 22) else None
+                if full is not None:
+                    keep = full if keep_true else ~full
+                    if fill == -np.inf and not keep.any(axis=s_pos).all():
+                        return None  # the original gives NaN on an emptied row
+                    m2 = np.moveaxis(keep, (t_pos, s_pos), (-2, -1)).reshape(-1, T, S)
+                    if not causal and (m2 == np.tril(np.ones((T, S), bool))).all():
+                        causal = True
+                        continue
+            elif fill == -np.inf:
+                return None
+            masks.append((src, bdims, keep_true))
+        q_eqns = set()
+        scale = acc.scale
+        # A scalar scale applied to q before the dot joins the scale.
+        qe = view.producer_eqn(q)
+        if qe is not None and qe.primitive.name in ("mul", "div") and view.n_uses(q) == 1:
+            for kk in ((0, 1) if qe.primitive.name == "mul" else (1,)):
+                c = view.scalar_value(qe.invars[kk])
+                if c is not None and tuple(qe.invars[1 - kk].aval.shape) == tuple(q.aval.shape):
+                    scale *= c if qe.primitive.name == "mul" else 1.0 / c
+                    q = qe.invars[1 - kk]
+                    q_eqns.add(view.producer[d1.invars[q_side]])
+                    break
+        eqns |= q_eqns
+        s_rank = len(s.aval.shape)
+        platform = getattr(view.ctx, "platform", "cpu") if view.ctx is not None else "cpu"
+        impl = "xla"
+        if (platform == "gpu" and q.aval.dtype in (jnp.bfloat16, jnp.float16) and H % 8 == 0
+                and H <= 128 and not masks and not acc.biases):
+            impl = "cudnn"
+        out_var = root.outvars[0]
+        # A transpose right after (heads back in place) joins the match: no round trip.
+        if view.n_uses(out_var) == 1 and out_var not in view.outputs:
+            (u,) = view.users[out_var]
+            ue = view.eqns[u]
+            if ue.primitive.name == "transpose":
+                perm_t = ue.params["permutation"]
+                out_names = [out_names[d] for d in perm_t]
+                eqns.add(u)
+                out_var = ue.outvars[0]
+        out_aval = out_var.aval
+        n_mask = len(masks)
+        mask_meta = [(bd, kt) for _, bd, kt in masks]
+        batch_pos = list(range(nb))
+
+        def fused(q, k, v, *extra):
+            ms, bs = extra[:n_mask], extra[n_mask:]
+            qq = _canon(q, qb, qf[0], qc[0])
+            kk = _canon(k, kb, kf[0], kc[0])
+            vv = _canon(v, v_batch, vc[0], vf[0])
+            mask = None
+            for m, (bd, kt) in zip(ms, mask_meta):
+                full = lax.broadcast_in_dim(m, s.aval.shape, bd)
+                full = full if kt else ~full
+                m4 = _to_canon4(full, s_rank, batch_pos, t_pos, s_pos)
+                mask = m4 if mask is None else mask & m4
+            bias = None
+            for b in bs:
+                b4 = _to_canon4(jnp.broadcast_to(b, s.aval.shape), s_rank, batch_pos, t_pos, s_pos)
+                bias = b4 if bias is None else bias + b4
+            o = jax.nn.dot_product_attention(qq, kk, vv, bias=bias, mask=mask, scale=scale,
+                                             is_causal=causal, implementation=impl)
+            # o: [B, T, N, H]; drop the axes we added, then lay out like the original.
+            keep_axes = ([0] if nb >= 1 else []) + [1] + ([2] if nb >= 2 else []) + [3]
+            o = jnp.reshape(o, [o.shape[a] for a in keep_axes])
+            names_kept = keep_axes
+            perm = [names_kept.index(nm) for nm in out_names]
+            if perm != sorted(perm):
+                o = jnp.transpose(o, perm)
+            return o.astype(out_aval.dtype)
+
+        args = [q, k, v] + [m for m, _, _ in masks] + list(acc.biases)
+        note = POST_AD_HINT if getattr(view.ctx, "placement", "") == "post-AD" else ""
+        rule = self.name + (".causal" if causal else "") + (".cudnn" if impl == "cudnn" else "")
+        return Match(rule, frozenset(eqns), [out_var], fused, args, note=note)
+
+
+RULES = [AttentionRule()]
+
+__all__ = ["AttentionRule", "RULES", "softmax_input", "POST_AD_HINT"]
