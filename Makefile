@@ -29,6 +29,8 @@ test: $(STAMP) system-deps
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline_bench.py
+	$(BIN)/python bench/fusion_bench.py
+	$(BIN)/python bench/remat_bench.py
 
 # Re-execute every notebook in place (they are committed with their outputs).
 notebooks: $(STAMP) system-deps
