@@ -347,7 +347,7 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
                + (f"(backward ordered at fences: {analysis.fmt_bytes(floors[True])}, not "
                   f"ordered: {analysis.fmt_bytes(floors[False])})" if len(floors) == 2 else ""))
     if floor > budget_bytes * 1.05:
-        raise BudgetError(_infeasible_msg(budget_bytes, floor, base))
+        raise BudgetError(_infeasible_msg(budget_bytes, min(floor, base), base))
 
     prog, sol, mem = choose(plan, build, measure, budget_bytes, base,
                             solver=ctx.option("remat_solver", "auto"),

@@ -190,3 +190,16 @@ def test_xla_temp_memory_really_drops():
     assert m75 <= 0.75 * base * 1.05
     assert m50 <= 0.5 * base * 1.05
     assert m50 <= m75 < base
+
+
+def test_ordering_fence_reads_backward_frontier_and_keeps_results(step):
+    cj, flat, _ = step
+    plan = build_plan(cj, backward_start(cj.jaxpr))
+    least = solve_greedy(plan, 0).remat
+    plain = remat.apply_post_ad(cj, plan, least, remat.Stats(), order_backward=False)
+    ordered = remat.apply_post_ad(cj, plan, least, remat.Stats(), order_backward=True)
+    ir.check(ordered)
+    # the fences' predicates also read the earlier backward values (one element each)
+    assert len(ordered.jaxpr.eqns) > len(plain.jaxpr.eqns)
+    for a, b in zip(ir.eval_jaxpr(ordered, *flat), ir.eval_jaxpr(cj, *flat)):
+        assert testing.max_rel_error(a, b) <= 1e-6
