@@ -69,6 +69,8 @@ class Optimized:
             raise TypeError(f"graphopt.optimize expects a function, got {type(fun).__name__}")
         self.fun = fun
         functools.update_wrapper(self, fun)
+        if not hasattr(self, "__name__"):  # functools.partial and callable objects have none
+            self.__name__ = getattr(type(fun), "__name__", "function")
         self.options = dict(options or {})
         self.pass_specs = list(passes) if passes is not None else default_passes()
         if self.options.get("memory_budget") is not None and "remat" not in self.pass_specs:

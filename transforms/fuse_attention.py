@@ -52,13 +52,18 @@ def _prod(view, atom, *names):
 
 
 def _reduce(view, atom, prim, eqns):
-    """``atom`` = broadcast(reduce ``prim`` over one axis of x): (x, axis) or None."""
-    a = _through(view, atom, ("broadcast_in_dim", "reshape"), eqns)
+    """``atom`` = broadcast(reduce ``prim`` over one axis of x): (x, axis) or None.
+
+    Casts around the reduction are looked through: bf16 softmax sums in float32
+    (convert → reduce_sum → convert back), which the fused kernel also does.
+    """
+    a = _through(view, atom, ("broadcast_in_dim", "reshape", "convert_element_type"), eqns)
     e = _prod(view, a, prim)
     if e is None or len(e.params["axes"]) != 1:
         return None
     eqns.add(view.producer[a])
-    return e.invars[0], e.params["axes"][0]
+    x = _through(view, e.invars[0], ("convert_element_type",), eqns)
+    return x, e.params["axes"][0]
 
 
 def _max_of(view, atom, eqns):
