@@ -26,9 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 
 import graphopt
-from graphopt import analysis
+from graphopt import analysis, progress
 from graphopt.models import cnn, gpt
-from graphopt.transforms import fuse  # noqa: F401  (registers the fusion passes)
 from graphopt.transforms.fuse_xent import chunked_cross_entropy
 
 QUICK = "--quick" in sys.argv
@@ -40,7 +39,7 @@ def timed(fns: dict, args, reps: int) -> dict:
     for f in fns.values():
         jax.block_until_ready(f(*args))
     times = {k: [] for k in fns}
-    for _ in range(reps):
+    for _ in progress.track(range(reps), "timing"):
         for k, f in fns.items():
             t0 = time.perf_counter()
             jax.block_until_ready(f(*args))

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import graphopt
-from graphopt import ir
+from graphopt import ir, progress
 
 
 def synthetic(n_eqns: int):
@@ -33,7 +33,7 @@ def synthetic(n_eqns: int):
             b = jnp.sin(acc)                # duplicate of sin(acc): CSE
             c = (a + b) @ w                 # real work
             d = jnp.cos(c) + 0.0            # add zero: simplify
-            _dead = jnp.exp(c) * 3.0        # never used: DCE
+            jnp.exp(c) * 3.0                # never used: DCE
             e = jnp.tanh(d) - jnp.tanh(d)   # x - x is kept (NaN semantics), tanh(d) is CSE'd
             acc = acc + c * 0.5 + e
         return acc
@@ -90,7 +90,7 @@ def main():
     print(f"graphopt pipeline benchmark ({jax.default_backend()}, JAX {jax.__version__}); "
           f"passes: {graphopt.default_passes()}")
     rows = []
-    for n in ns.sizes:
+    for n in progress.track(ns.sizes, "program sizes"):
         rows += run([n], compile_xla=not ns.no_compile and n <= ns.compile_max)
     by_n = {r["n"]: r for r in rows}
     ns_sorted = sorted(by_n)

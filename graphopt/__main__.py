@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from . import analysis, testing
+from . import analysis, progress, testing
 from .api import optimize
 
 # Sizes that keep the whole demo under two minutes on two CPU cores.
@@ -102,7 +102,7 @@ def write_index(directory: str, rows: list[dict], table: str) -> str:
 def demo(out_dir: str = "graphopt-report", models: list[str] | None = None) -> list[dict]:
     from graphopt.models import ZOO
     rows = []
-    for name in models or list(ZOO):
+    for name in progress.track(models or list(ZOO), "demo models"):
         mod = ZOO[name]
         sizes = DEMO_SIZES[name]
         params = mod.init(jax.random.PRNGKey(0), **sizes)

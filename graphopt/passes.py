@@ -156,9 +156,14 @@ class Pipeline:
     def _run(self, cj: ir.ClosedJaxpr, ctx: PassContext | None):
         ctx = ctx if ctx is not None else PassContext(placement=placement_of(cj))
         records: list[PassRecord] = []
+        # The jaxpr each pass last left unchanged: passes are deterministic, so running
+        # one again on that very jaxpr in a later round cannot change anything.
+        settled: dict[int, ir.ClosedJaxpr] = {}
         for rnd in range(self.max_rounds):
             any_changed = False
-            for p in self.passes:
+            for k, p in enumerate(self.passes):
+                if settled.get(k) is cj:
+                    continue
                 t0 = time.perf_counter()
                 try:
                     res = p(cj, ctx)
@@ -175,6 +180,8 @@ class Pipeline:
                     check_interface(p.name, cj, res.jaxpr)
                 records.append(PassRecord(p.name, rnd, cj, res.jaxpr, res.changed, res.stats, dt))
                 any_changed |= res.changed
+                if not res.changed:
+                    settled[k] = cj
                 cj = res.jaxpr
             if not (self.fixpoint and any_changed):
                 break

@@ -69,8 +69,15 @@ class ParallelDots(Rule):
         key = (root.params["dimension_numbers"], root.params.get("precision"),
                root.params.get("preferred_element_type"))
         wshape = list(root.invars[1 - side].aval.shape)
-        members = []
-        for j in view.users.get(x, ()):
+        users = view.users.get(x, ())
+        # A group is found from its last dot only: skip at once unless i is the last dot
+        # reading x on this side (keeps a value read by thousands of dots linear, not cubic).
+        last = next((j for j in reversed(users) if view.eqns[j].primitive.name == "dot_general"
+                     and view.eqns[j].invars[side] is x), None)
+        if last != i:
+            return None
+        members, seen_w = [], set()
+        for j in users:
             e = view.eqns[j]
             if e.primitive.name != "dot_general" or e.invars[side] is not x or j > i:
                 continue
@@ -81,8 +88,9 @@ class ParallelDots(Rule):
                 continue
             if len(ws) != len(wshape) or any(a != b for k, (a, b) in enumerate(zip(ws, wshape)) if k != w_axis):
                 continue
-            if w is x or any(w is view.eqns[m].invars[1 - side] for m in members):
+            if w is x or id(w) in seen_w:
                 continue
+            seen_w.add(id(w))
             members.append(j)
         members = sorted(set(members))
         if len(members) < 2 or members[-1] != i:
