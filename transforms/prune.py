@@ -334,15 +334,15 @@ SIMPLIFY = RuleTable("simplify", default=keep)
 
 def _scalar_const(rw: Rewriter, atom):
     """The value of ``atom`` if it is a constant whose elements are all equal, else None."""
-    if ir.is_literal(atom):
-        v = np.asarray(ir.literal_value(atom))
-    else:
+    if not ir.is_literal(atom):
         prod = rw.graph_producer.get(atom)
-        if prod is not None and prod.primitive.name == "broadcast_in_dim" \
-                and ir.is_literal(prod.invars[0]):
-            v = np.asarray(ir.literal_value(prod.invars[0]))
-        else:
+        if prod is None or prod.primitive.name != "broadcast_in_dim" \
+                or not ir.is_literal(prod.invars[0]):
             return None
+        atom = prod.invars[0]
+    if not atom.aval.shape:  # a scalar literal: the common case, no NumPy needed
+        return ir.literal_value(atom)
+    v = np.asarray(ir.literal_value(atom))
     if v.size == 0:
         return None
     first = v.flat[0]
