@@ -130,6 +130,7 @@ def load_factory(spec: str):
         raise SystemExit(f"graphopt report: no such file {path!r}")
     spec_ = importlib.util.spec_from_file_location("_graphopt_user_module", path)
     mod = importlib.util.module_from_spec(spec_)
+    sys.modules[spec_.name] = mod  # dataclasses and pickling look their module up there
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     spec_.loader.exec_module(mod)
     factory = getattr(mod, name, None)

@@ -53,9 +53,9 @@ def _is_arraylike(x) -> bool:
 
 def _leaf_spec(x):
     aval = ir.aval_of(x) if not isinstance(x, (bool, int, float, complex)) else None
-    if aval is None:  # Python scalars are weakly typed, like under jax.jit
+    if aval is None:  # Python int/float/complex are weakly typed, like under jax.jit; bool is not
         arr = jax.numpy.asarray(x)
-        return (arr.shape, arr.dtype, True)
+        return (arr.shape, arr.dtype, not isinstance(x, bool))
     return (tuple(aval.shape), aval.dtype, bool(getattr(aval, "weak_type", False)))
 
 
@@ -85,6 +85,9 @@ class Optimized:
             self._sig = inspect.signature(fun)
         except (TypeError, ValueError):
             self._sig = None
+        if self._sig is not None and any(p.kind is p.VAR_POSITIONAL
+                                         for p in self._sig.parameters.values()):
+            self._sig = None  # *args: static_argnums count positions, as in jax.jit
         self._cache: dict = {}
         # jax.jit must see fun's signature to map static args given by name or position.
         inner = functools.wraps(fun)(lambda *a, **k: self._inner(*a, **k))
@@ -187,7 +190,8 @@ class Optimized:
             return ir.eval_jaxpr(optimized, *flat)
 
         entry = _Entry(original, optimized, out_tree, report, jax.jit(run) if self.jit else run)
-        report.bind_functions(lambda *f: ir.eval_jaxpr(original, *f), run, leaves)
+        # Shapes only: keeping the first call's arrays (or tracers) would pin them in memory.
+        report.bind_functions(lambda *f: ir.eval_jaxpr(original, *f), run, specs)
         self._cache[key] = entry
         return entry, leaves
 
@@ -213,7 +217,7 @@ class Optimized:
     def _check(self, entry: _Entry, leaves) -> None:
         from . import testing
         concrete = [x for x in leaves]
-        if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        if any(ir.is_tracer(x) for x in leaves):
             # Under an outer transform: check on random inputs of the same types.
             concrete = testing.random_like([ir.aval_of(x) for x in leaves])
             entry.report.check_inputs = "random inputs (called under a transform)"

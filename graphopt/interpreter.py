@@ -181,6 +181,12 @@ def rewrite(cj: ir.ClosedJaxpr, table: RuleTable, stats: Stats | None = None, *,
         new = substitute_inputs(rw, eqn)
         if new is not eqn:
             rw.changed = True
+        name = new.primitive.name
+        if name not in ir.known_primitives():
+            # Unknown primitives pass through untouched, their sub-jaxprs (kernels) included.
+            stats.unknown[name] += 1
+            rw.emit(new)
+            continue
         if recurse and ir.has_subjaxprs(new):
             sub = ir.map_subjaxprs(new, lambda j, is_open: rewrite(
                 j, table, stats, recurse=True, allow_consts=not is_open, depth=depth + 1,
@@ -188,13 +194,6 @@ def rewrite(cj: ir.ClosedJaxpr, table: RuleTable, stats: Stats | None = None, *,
             if sub is not new:
                 rw.changed = True
                 new = sub
-        name = new.primitive.name
-        if name not in ir.known_primitives():
-            stats.unknown[name] += 1
-            rw.emit(new)
-            for v in new.outvars:
-                rw.write(v, v)
-            continue
         rw.current_eqn = new
         mark = len(rw.eqns)
         n_consts = len(rw.new_consts)

@@ -64,7 +64,8 @@ def known_primitives() -> set[str]:
 
 
 def register_known_primitive(name: str) -> None:
-    """Declare a user primitive pure and shape-preserving-safe for graphopt's passes."""
+    """Declare a user primitive pure: passes may then fold (evaluate) it on constants,
+    merge two identical calls, and drop it when its result is unused."""
     _KNOWN_PRIMITIVES.add(name)
 
 
@@ -110,6 +111,11 @@ def aval_of(x) -> ShapedArray:
     return ShapedArray(np.shape(x), jax.dtypes.canonicalize_dtype(np.result_type(x)))
 
 
+def is_tracer(x) -> bool:
+    """True for a value being traced by a JAX transformation (not a concrete array)."""
+    return isinstance(x, jax.core.Tracer)
+
+
 def is_array_aval(aval) -> bool:
     return isinstance(aval, ShapedArray)
 
@@ -152,6 +158,22 @@ def effectful(eqn) -> bool:
 def impure(eqn) -> bool:
     """Effectful or random: never duplicated, merged, folded or dropped on a guess."""
     return effectful(eqn) or eqn.primitive.name in RANDOM_PRIMITIVES
+
+
+def contains_unknown(eqn) -> bool:
+    """True if a sub-jaxpr of ``eqn`` (at any depth) holds a primitive graphopt does not know."""
+    for _, _, sub in subjaxpr_params(eqn):
+        if any(e.primitive.name not in _KNOWN_PRIMITIVES for e, _, _ in walk_eqns(sub)):
+            return True
+    return False
+
+
+def removable_if_dead(eqn) -> bool:
+    """May ``eqn`` be dropped when nothing reads its results? Never for effects, RNG or
+    primitives graphopt does not know (at any depth): those pass through untouched."""
+    if impure(eqn) or eqn.primitive.name not in _KNOWN_PRIMITIVES:
+        return False
+    return not (has_subjaxprs(eqn) and contains_unknown(eqn))
 
 
 def source_line(eqn) -> str:
@@ -288,8 +310,7 @@ def make_jaxpr_from(template: Jaxpr, *, constvars=None, invars=None, outvars=Non
     if effects is None:
         kept = eqns_effects(eqns)
         effects = frozenset(e for e in template.effects
-                            if e in kept or not hasattr(e, "__hash__")
-                            or type(e).__name__ in ("JaxprInputEffect",)) | kept
+                            if e in kept or type(e).__name__ == "JaxprInputEffect") | kept
     dbg = _fit_debug_info(template.debug_info, len(invars), len(outvars))
     return Jaxpr(list(constvars), list(invars), list(outvars), list(eqns), effects, dbg)
 

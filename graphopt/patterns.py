@@ -35,8 +35,9 @@ from .errors import GraphoptError
 from .interpreter import Stats
 
 COMMUTATIVE = frozenset({"add", "add_any", "mul", "max", "min", "and", "or", "xor", "eq", "ne"})
-# Params that only restate shapes: a pattern traced at example shapes ignores them.
-SHAPE_PARAMS = frozenset({"shape", "new_sizes", "sharding", "out_sharding", "dimensions"})
+# Params that only restate shapes: a pattern traced at example shapes ignores them
+# ("dimensions" is not one: for rev and squeeze it names axes).
+SHAPE_PARAMS = frozenset({"shape", "new_sizes", "sharding", "out_sharding"})
 
 
 # ============================================================================ trees
@@ -423,8 +424,7 @@ def _sweep_dead(eqns: list, outvars) -> list:
     live = {v for v in outvars if ir.is_var(v)}
     kept = []
     for e in reversed(eqns):
-        if (not any(ir.is_var(v) and v in live for v in e.outvars) and not ir.impure(e)
-                and e.primitive.name in ir.known_primitives()):
+        if not any(ir.is_var(v) and v in live for v in e.outvars) and ir.removable_if_dead(e):
             continue
         live.update(v for v in e.invars if ir.is_var(v))
         kept.append(e)

@@ -31,7 +31,7 @@ class Report:
     _fns: tuple | None = None
 
     def bind_functions(self, original_fn: Callable, optimized_fn: Callable, args) -> None:
-        """Remember flat functions and example args for :meth:`xla_memory`."""
+        """Remember flat functions and argument shapes (ShapeDtypeStructs) for :meth:`xla_memory`."""
         self._fns = (original_fn, optimized_fn, list(args))
 
     # ------------------------------------------------------------------ numbers
@@ -79,7 +79,6 @@ class Report:
         if self._fns is None:
             raise ValueError("this report has no functions bound; use graphopt.optimize(...).report(args)")
         orig, opt, args = self._fns
-        args = [ir.aval_of(a) if isinstance(a, __import__("jax").core.Tracer) else a for a in args]
         return {"before": analysis.xla_memory(orig, *args), "after": analysis.xla_memory(opt, *args)}
 
     def rows(self) -> list[dict]:

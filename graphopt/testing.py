@@ -17,13 +17,23 @@ from . import ir
 from .errors import EquivalenceError
 from .passes import PassContext, check_interface, placement_of, resolve
 
-# Default tolerances per dtype: exact rewrites keep float32 to about 1e-6 relative.
+# Default tolerances per dtype, relative to each array's magnitude. Exact rewrites keep
+# float32 near 1e-6, but XLA's own fusion choices move gradients by a few 1e-6 between
+# two compiles of equivalent programs, so float32 allows 1e-5.
 RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5, np.dtype(np.float16): 1e-2,
-        np.dtype(jnp.bfloat16): 2e-2}
+        np.dtype(jnp.bfloat16): 2e-2, np.dtype(np.complex64): 1e-5,
+        np.dtype(np.complex128): 1e-12}
 
 
 def _is_float(x) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _as_wide(x) -> np.ndarray:
+    """float64 (complex128 for complex values, so the imaginary part counts) or as is."""
+    if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating):
+        return np.asarray(x, dtype=np.complex128)
+    return np.asarray(x, dtype=np.float64) if _is_float(x) else np.asarray(x)
 
 
 def max_rel_error(a, b) -> float:
@@ -33,8 +43,7 @@ def max_rel_error(a, b) -> float:
     noise on near-zero elements (which XLA itself produces between jit and eager) from
     reading as a large error. NaNs in the same places and equal infinities match.
     """
-    a = np.asarray(a, dtype=np.float64) if _is_float(a) else np.asarray(a)
-    b = np.asarray(b, dtype=np.float64) if _is_float(b) else np.asarray(b)
+    a, b = _as_wide(a), _as_wide(b)
     if a.shape != b.shape:
         return float("inf")
     if not np.issubdtype(a.dtype, np.inexact):
@@ -62,8 +71,15 @@ def _random_like(avals, seed):
     rng = np.random.default_rng(seed)
     out = []
     for a in avals:
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):  # typed PRNG keys
+            keys = jax.random.split(jax.random.key(seed), max(1, int(np.prod(a.shape))))
+            out.append(keys.reshape(a.shape) if a.shape else keys[0])
+            continue
         dt = np.dtype(a.dtype)
-        if np.issubdtype(dt, np.floating) or dt == jnp.bfloat16:
+        if np.issubdtype(dt, np.complexfloating):
+            z = rng.standard_normal(a.shape) + 1j * rng.standard_normal(a.shape)
+            out.append(jnp.asarray(z, dtype=a.dtype))
+        elif np.issubdtype(dt, np.floating) or dt == jnp.bfloat16:
             out.append(jnp.asarray(rng.standard_normal(a.shape), dtype=a.dtype))
         elif np.issubdtype(dt, np.integer):
             out.append(jnp.asarray(rng.integers(0, 2, a.shape), dtype=a.dtype))

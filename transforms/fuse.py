@@ -14,7 +14,8 @@ Each fires only where its cost model says it pays (see each module's docstring) 
 says in the report why a candidate was left alone. Fusions that need the forward
 before differentiation (attention, cross-entropy) cannot apply to a training step whose
 jaxpr already holds the backward pass: the report then says to decorate the loss.
-Option ``fuse_<name>=False`` switches one fusion off inside a pipeline.
+An option named after the pass switches it off (``fuse_batchnorm=False``,
+``user_rewrites=False``).
 """
 from __future__ import annotations
 

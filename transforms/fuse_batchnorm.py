@@ -18,6 +18,7 @@ import numpy as np
 
 import jax.numpy as jnp
 
+from graphopt import ir
 from graphopt.patterns import Match, Rule, View
 
 AFFINE = frozenset({"add", "sub", "mul", "div", "neg"})
@@ -97,7 +98,9 @@ class FoldAffine(Rule):
                 if name == "div" and not y_lhs:
                     break  # o / y is not affine in y
                 vec = _per_channel(view, o, shape, c)
-                if vec is None or view.depends_on(o, {y0}):
+                # SSA: a value produced before the root cannot read the root's output (O(1)).
+                if vec is None or (ir.is_var(o) and view.producer.get(o, -1) > i
+                                   and view.depends_on(o, {y0})):
                     break  # training-mode statistics read the conv's own output
                 steps.append((name, vec, y_lhs))
             eqns.add(k)
@@ -108,6 +111,8 @@ class FoldAffine(Rule):
         if not vectors or (scales == 0 and len(steps) < 2):
             return None
         w = root.invars[w_idx]
+        if w.aval.dtype != y0.aval.dtype:
+            return None  # a low-precision weight feeding a wider output would lose the scale's precision
         if int(np.prod(w.aval.shape)) > int(np.prod(shape)):
             return None  # scaling the weights would cost more than the pass it saves
         n_ch = shape[c]

@@ -35,20 +35,12 @@ DCE_RULES: dict[str, object] = {}
 
 def _dce_default(used_outputs, eqn, stats):
     rule = ir.dce_rule(eqn.primitive)
-    if rule is None or _has_unknown(eqn):
+    if rule is None or ir.contains_unknown(eqn):
         return [True] * len(eqn.invars), eqn
     used_inputs, new_eqn = rule(list(used_outputs), eqn)
     if new_eqn is not None and len(new_eqn.outvars) < len(eqn.outvars):
         stats.hit(f"dce.{eqn.primitive.name}_outputs", len(eqn.outvars) - len(new_eqn.outvars))
     return used_inputs, new_eqn
-
-
-def _has_unknown(eqn) -> bool:
-    known = ir.known_primitives()
-    for _, _, sub in ir.subjaxpr_params(eqn):
-        if any(e.primitive.name not in known for e, _, _ in ir.walk_eqns(sub)):
-            return True
-    return False
 
 
 def _dce_while(used_outputs, eqn, stats):
@@ -58,7 +50,7 @@ def _dce_while(used_outputs, eqn, stats):
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
     body, cond = p["body_jaxpr"], p["cond_jaxpr"]
     n_carry = len(eqn.outvars)
-    if ir.effectful(eqn):
+    if ir.effectful(eqn) or ir.contains_unknown(eqn):
         return [True] * len(eqn.invars), eqn
     cond_reads = _used_invars(cond.jaxpr)[cn:]
     needed = [u or c for u, c in zip(used_outputs, cond_reads)]
@@ -102,12 +94,6 @@ def _used_invars(jaxpr) -> list[bool]:
     return [v in used for v in jaxpr.invars]
 
 
-def _removable(eqn) -> bool:
-    # A dead jit/cond/... holding an unknown primitive is kept too: unknown is never dropped.
-    return (not ir.impure(eqn) and eqn.primitive.name in ir.known_primitives()
-            and not _has_unknown(eqn))
-
-
 def _dce_closed(cj: ir.ClosedJaxpr, stats: Stats, allow_consts=True) -> ir.ClosedJaxpr:
     jaxpr = cj.jaxpr
     live = {v for v in jaxpr.outvars if ir.is_var(v)}
@@ -117,7 +103,7 @@ def _dce_closed(cj: ir.ClosedJaxpr, stats: Stats, allow_consts=True) -> ir.Close
         if eqn.primitive.name not in ir.known_primitives():
             stats.unknown[eqn.primitive.name] += 1  # passed through, counted like other passes do
         used = [ir.is_var(v) and v in live for v in eqn.outvars]
-        if not any(used) and _removable(eqn):
+        if not any(used) and ir.removable_if_dead(eqn):
             stats.hit("dce.eqn")
             changed = True
             continue
@@ -212,8 +198,17 @@ def _evaluate(eqn, vals) -> list:
     return list(res) if eqn.primitive.multiple_results else [res]
 
 
+# Primitives whose value depends on the mapped axis they run under (shard_map, pmap):
+# evaluated outside it they fail or mean something else, so they are never folded.
+_AXIS_DEPENDENT = frozenset({
+    "pvary", "psum", "pmax", "pmin", "pmean", "psum_invariant", "axis_index", "all_gather",
+    "all_gather_invariant", "ppermute", "pbroadcast", "all_to_all", "reduce_scatter",
+    "psum_scatter", "pshuffle", "pcast", "pgather"})
+
+
 def _fold_default(rw: Rewriter, eqn):
-    if ir.impure(eqn) or ir.has_subjaxprs(eqn) or not eqn.outvars:
+    if ir.impure(eqn) or ir.has_subjaxprs(eqn) or not eqn.outvars \
+            or eqn.primitive.name in _AXIS_DEPENDENT:
         return None
     vals = [_const_value(rw, a) for a in eqn.invars]
     if any(v is _MISSING for v in vals):
@@ -223,7 +218,12 @@ def _fold_default(rw: Rewriter, eqn):
         return None
     if sum(ir.aval_nbytes(a) for a in avals) > rw.fold_max_bytes:
         return None
-    res = _evaluate(eqn, vals)
+    try:
+        res = _evaluate(eqn, vals)
+    except Exception as exc:  # a primitive that cannot run on its own here stays as it is
+        rw.stats.note(f"fold: kept {eqn.primitive.name}: evaluating it failed "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        return None
     if eqn.primitive.name in _NO_FOLD and any(np.prod(a.shape) > 1 for a in avals):
         # Keep the cheap broadcast, but let its consumers fold; DCE drops it if they all do.
         for v, r in zip(eqn.outvars, res):
