@@ -38,11 +38,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from graphopt import analysis, ir
+from graphopt import analysis, ir, progress
 from graphopt.interpreter import Stats
 from graphopt.passes import Pass, PassContext, PassResult, register_pass
 
-from . import remat_plan
+from . import remat_plan, remat_scan
 from .remat_plan import Plan, backward_start, build_plan
 from .remat_solvers import solve, solve_greedy
 
@@ -214,35 +214,37 @@ def choose(plan: Plan, build, measure, budget_bytes: int, base_mem: int, *, solv
     tried: dict = {}
     ok_t = bad_t = None  # largest model target that fit, smallest that did not
     known = dict(known or {})  # plan -> measured bytes, already compiled by the caller
-    for _ in range(max_compiles):
-        sol = solve(plan, int(target), solver, time_limit)
-        key = tuple(sol.remat)
-        if key not in tried:
-            prog = build(sol.remat)
-            tried[key] = (prog, known[key] if key in known else measure(prog))
-        prog, mem = tried[key]
-        stats.note(f"remat: {sol.solver} in {sol.seconds * 1e3:.1f} ms for model target "
-                   f"{analysis.fmt_bytes(target)}: {sum(sol.remat)}/{len(sol.remat)} segments,"
-                   f" XLA temp {analysis.fmt_bytes(mem)}")
-        if mem <= limit:
-            if best is None or sol.flops < best[1].flops:
-                best = (prog, sol, mem)
-            ok_t = target if ok_t is None else max(ok_t, target)
-            if mem >= 0.9 * budget_bytes:
+    with progress.bar(max_compiles, "remat: calibrate", leave=False) as pbar:
+        for _ in range(max_compiles):
+            sol = solve(plan, int(target), solver, time_limit)
+            key = tuple(sol.remat)
+            if key not in tried:
+                prog = build(sol.remat)
+                tried[key] = (prog, known[key] if key in known else measure(prog))
+                pbar.update()
+            prog, mem = tried[key]
+            stats.note(f"remat: {sol.solver} in {sol.seconds * 1e3:.1f} ms for model target "
+                       f"{analysis.fmt_bytes(target)}: {sum(sol.remat)}/{len(sol.remat)} segments,"
+                       f" XLA temp {analysis.fmt_bytes(mem)}")
+            if mem <= limit:
+                if best is None or sol.flops < best[1].flops:
+                    best = (prog, sol, mem)
+                ok_t = target if ok_t is None else max(ok_t, target)
+                if mem >= 0.9 * budget_bytes:
+                    break
+            else:
+                bad_t = target if bad_t is None else min(bad_t, target)
+            if bad_t is None:      # under budget so far: loosen to recompute less
+                nxt = target + (budget_bytes - mem)
+            elif ok_t is None:     # over budget: tighten by the measured excess
+                nxt = target - (mem - budget_bytes)
+                if nxt < 0 and target < 0:
+                    break
+            else:
+                nxt = (ok_t + bad_t) / 2
+            if abs(nxt - target) < 1024:
                 break
-        else:
-            bad_t = target if bad_t is None else min(bad_t, target)
-        if bad_t is None:      # under budget so far: loosen to recompute less
-            nxt = target + (budget_bytes - mem)
-        elif ok_t is None:     # over budget: tighten by the measured excess
-            nxt = target - (mem - budget_bytes)
-            if nxt < 0 and target < 0:
-                break
-        else:
-            nxt = (ok_t + bad_t) / 2
-        if abs(nxt - target) < 1024:
-            break
-        target = nxt
+            target = nxt
     if best is not None:
         return best
     # Unreachable: report the smallest feasible budget (the least-memory plan, measured).
@@ -305,11 +307,11 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
         parse_budget(budget, 1)  # still reject a malformed budget
         return PassResult(cj, False, stats)
     inner, wrap = found
-    if any(ir.name_stack(e).split("/")[0] == "remat" for e in inner.jaxpr.eqns):
+    if (any(ir.name_stack(e).split("/")[0] == "remat" for e in inner.jaxpr.eqns)
+            or remat_scan.scan_rematerialized(inner.jaxpr)):
         # a fraction refers to the un-rematerialized program: never compound it
         stats.note("remat: program already rematerialized by graphopt; left as is")
         return PassResult(cj, False, stats)
-    plan = build_plan(inner, backward_start(inner.jaxpr), max_cuts=ctx.option("remat_max_cuts", 128))
     how = ctx.option("remat_measure", "xla")
     if how not in MEASURES:
         raise ValueError(f"remat: remat_measure must be one of {sorted(MEASURES)}, got {how!r}")
@@ -324,7 +326,33 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
         stats.note(f"remat: budget {analysis.fmt_bytes(budget_bytes)} >= the program's "
                    f"un-rematerialized temp memory {analysis.fmt_bytes(base)}: no-op")
         return PassResult(cj, False, stats)
+
+    # Scans first: their stacked residuals are most of the memory and cheap to recompute
+    # per iteration; the segment plan then works on what the scan rewrite leaves.
+    seg_base, scan_flops = base, 0.0
+    splan = remat_scan.plan_scans(inner) if ctx.option("remat_scan", True) else None
+    if splan is not None and len(splan.levels) > 1:
+        def build_scan(k):
+            return wrap(remat_scan.apply_scans(inner, splan, k))
+        k_all = splan.levels[-1][0]
+        m_all = measure(build_scan(k_all))
+        stats.note(f"remat: {len(splan.pairs)} forward/backward scan pair(s), "
+                   f"{len(splan.order)} stacked residuals "
+                   f"({analysis.fmt_bytes(splan.residual_bytes)}); all recomputed per "
+                   f"iteration: {analysis.fmt_bytes(m_all)}")
+        if m_all <= budget_bytes * 1.05:
+            idx, prog, mem = remat_scan.choose_level(splan, build_scan, measure, base, m_all,
+                                                     budget_bytes, stats=stats)
+            k, _, fl = splan.levels[idx]
+            remat_scan.apply_scans(inner, splan, k, stats)  # the notes and hits of the choice
+            return _done(cj, prog, stats, f"solver scan-greedy ({k}/{k_all} stacked residuals "
+                         "recomputed in the backward scan)", base, mem, budget_bytes, fl)
+        inner = remat_scan.apply_scans(inner, splan, k_all, stats)
+        seg_base, scan_flops = m_all, splan.levels[-1][2]
+    plan = build_plan(inner, backward_start(inner.jaxpr), max_cuts=ctx.option("remat_max_cuts", 128))
     if not plan.segments:
+        if seg_base < base:  # the scan rewrite is all there is
+            raise BudgetError(_infeasible_msg(budget_bytes, seg_base, base))
         stats.note("remat: no recomputable forward values reach the backward; nothing to drop")
         return PassResult(cj, False, stats)
 
@@ -347,21 +375,25 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
                + (f"(backward ordered at fences: {analysis.fmt_bytes(floors[True])}, not "
                   f"ordered: {analysis.fmt_bytes(floors[False])})" if len(floors) == 2 else ""))
     if floor > budget_bytes * 1.05:
-        raise BudgetError(_infeasible_msg(budget_bytes, min(floor, base), base))
+        raise BudgetError(_infeasible_msg(budget_bytes, min(floor, seg_base), base))
 
-    prog, sol, mem = choose(plan, build, measure, budget_bytes, base,
+    prog, sol, mem = choose(plan, build, measure, budget_bytes, seg_base,
                             solver=ctx.option("remat_solver", "auto"),
                             time_limit=ctx.option("remat_time_limit", 10.0), stats=stats,
                             known={tuple(least.remat): floor},
                             anchor=(least.model_bytes, floor))
-    if not any(sol.remat):
+    if not any(sol.remat) and seg_base == base:
         return PassResult(cj, False, stats)
     prog = wrap(apply_post_ad(inner, plan, sol.remat, stats, order_backward=order))
-    stats.note(f"remat: solver {sol.solver} ({sol.seconds * 1e3:.1f} ms); XLA temp "
-               f"{analysis.fmt_bytes(base)} -> {analysis.fmt_bytes(mem)} (saved "
-               f"{analysis.fmt_bytes(base - mem)}) for budget {analysis.fmt_bytes(budget_bytes)};"
-               f" recomputes {analysis.fmt_flops(sol.flops)}")
-    stats.hit("remat.flops_recomputed", int(sol.flops))
+    return _done(cj, prog, stats, f"solver {sol.solver} ({sol.seconds * 1e3:.1f} ms)", base,
+                 mem, budget_bytes, sol.flops + scan_flops)
+
+
+def _done(cj, prog, stats, how, base, mem, budget_bytes, flops):
+    stats.note(f"remat: {how}; XLA temp {analysis.fmt_bytes(base)} -> "
+               f"{analysis.fmt_bytes(mem)} (saved {analysis.fmt_bytes(base - mem)}) for budget "
+               f"{analysis.fmt_bytes(budget_bytes)}; recomputes {analysis.fmt_flops(flops)}")
+    stats.hit("remat.flops_recomputed", int(flops))
     stats.hit("remat.bytes_saved", int(base - mem))
     return PassResult(prog, True, stats)
 
