@@ -19,11 +19,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from graphopt import analysis
+from graphopt import analysis, progress
 from graphopt.interpreter import Stats
 from graphopt.models import cnn, gpt, mlp, rnn
 from graphopt.passes import PassContext
-from graphopt.transforms import remat
+from graphopt.transforms import remat, remat_scan
 from graphopt.transforms.remat_plan import backward_start, build_plan
 from graphopt.transforms.remat_solvers import solve_greedy, solve_milp
 
@@ -80,7 +80,7 @@ def main():
               f"{len(plan.segments) if plan else 0} candidate segments")
         print(f"{'budget':>8} {'budget MiB':>10} {'XLA temp MiB':>12} {'ok(+5%)':>8} {'recompute GFLOP':>15} "
               f"{'exact GFLOP':>11} {'solver':>28} {'pass s':>7}")
-        for frac in (0.75, 0.5, 0.25):
+        for frac in progress.track((0.75, 0.5, 0.25), f"{name}: budgets", leave=False):
             t0 = time.perf_counter()
             bb = int(frac * base)
             try:
@@ -106,6 +106,17 @@ def main():
             if err:
                 print("         ", err)
             prev = mem if mem is not None else prev
+        splan = remat_scan.plan_scans(cj)
+        if splan.pairs:  # what the pass reached before scans were rewritten
+            print(f"  {len(splan.pairs)} forward/backward scan pair(s), stacked residuals "
+                  f"{splan.residual_bytes / MiB:.1f} MiB; 50% without the scan rewrite "
+                  f"(remat_scan=False): ", end="")
+            try:
+                res = remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": 0.5,
+                                                                   "remat_scan": False}))
+                print(f"{remat.xla_temp(res.jaxpr) / MiB:.1f} MiB" if res.changed else "no change")
+            except remat.BudgetError as exc:
+                print("infeasible,", str(exc).split(": ", 1)[1].split(";")[0])
         if make is not None:
             print(f"  Pareto vs hand-placed per-block jax.checkpoint ({name}):")
             print(f"  {'variant':>34} {'XLA temp MiB':>12} {'extra GFLOP (XLA)':>17}")

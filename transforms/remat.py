@@ -6,7 +6,9 @@ What it rewrites:
   schedule rewrite. The forward is cut into segments (:mod:`.remat_plan`); for each
   segment the solver (:mod:`.remat_solvers`) picks, the values the backward reads are
   recomputed from the segment's live-ins right before their first backward use, and the
-  backward reads the recomputed copies, so the forward copies die early.
+  backward reads the recomputed copies, so the forward copies die early. Layers under
+  ``lax.scan`` go first (:mod:`.remat_scan`): the forward scan stops emitting stacked
+  residuals and the backward scan body recomputes them per iteration.
 - **pre-AD** (a model or loss that ``jax.grad`` will differentiate, via
   :func:`make_remat` / ``graphopt.remat``): each chosen segment becomes a
   ``jax.custom_vjp`` function whose forward saves only its inputs and whose backward

@@ -1,0 +1,399 @@
+"""Scan checkpointing as a jaxpr rewrite: layers under ``lax.scan``, post-AD.
+
+In the joint forward+backward jaxpr of a scanned model, the forward ``scan`` F emits
+every per-iteration residual stacked along the scan axis (ys outputs) and the backward
+``scan`` B (its transpose, ``reverse=True``) reads them back as xs. This module finds
+such (F, B) pairs and, for a chosen set of residuals:
+
+- F emits its per-iteration carry inputs instead (stacked; usually far smaller), and
+  no longer emits the dropped residuals;
+- B receives F's consts (as consts), the stacked carries and F's xs (as xs) and, at the
+  top of its body, recomputes the dropped residuals from the slices of iteration i by
+  re-running the needed part of F's body (equations named ``remat/...``). Residuals B
+  still receives are reused rather than recomputed.
+
+Slices line up whatever the iteration order: a scan reads ``xs[i]`` and writes
+``ys[i]`` in iteration i, forward or reverse, so B's slice i of a stacked carry is the
+carry F's iteration i started from. No fence: the recomputation runs in another loop
+body, which XLA's CSE cannot merge with the forward (measured, see docs/remat.md).
+
+Which residuals to drop is a greedy order by bytes saved per recomputed FLOP
+(:func:`plan_scans`); the ``remat`` pass measures prefixes of it against the budget.
+
+Must not: drop a residual that something other than B reads (it stays alive anyway),
+recompute random, effectful or unknown primitives (see
+:func:`.remat_plan.recomputable`), or touch scans whose xs are literals.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from graphopt import analysis, ir
+
+from .remat_plan import recomputable
+
+
+@dataclasses.dataclass
+class Residual:
+    y: int              # index among F's ys outputs
+    body_var: object    # the var F's body emits for it
+    outer: object       # F's stacked output var
+    bpos: list          # positions in B's invars (xs) that read it
+    nbytes: int
+
+
+@dataclasses.dataclass
+class ScanPair:
+    f: int              # indices of F and B in the top-level equations
+    b: int
+    residuals: list
+    length: int
+    passthrough: dict = dataclasses.field(default_factory=dict)  # body var -> B position
+
+
+    def f_eqn(self, jaxpr):
+        return jaxpr.eqns[self.f]
+
+    def b_eqn(self, jaxpr):
+        return jaxpr.eqns[self.b]
+
+
+@dataclasses.dataclass
+class ScanPlan:
+    pairs: list
+    order: list         # (pair index, residual index), most bytes per FLOP first
+    levels: list        # (k, model bytes saved, FLOPs recomputed) for useful prefixes k
+
+    @property
+    def residual_bytes(self) -> int:
+        return sum(r.nbytes for p in self.pairs for r in p.residuals)
+
+
+def _layout(eqn):
+    """(num consts, num carry, num xs) of a scan equation."""
+    nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+    return nc, nk, len(eqn.invars) - nc - nk
+
+
+def find_pairs(jaxpr) -> list[ScanPair]:
+    """Forward scans whose stacked ys a later scan of the same length reads as xs only."""
+    eqns = jaxpr.eqns
+    users: dict = {}
+    for i, e in enumerate(eqns):
+        for p, a in enumerate(e.invars):
+            if ir.is_var(a):
+                users.setdefault(a, []).append((i, p))
+    outs = {v for v in jaxpr.outvars if ir.is_var(v)}
+    pairs = []
+    for fi, f in enumerate(eqns):
+        if f.primitive.name != "scan" or ir.impure(f):
+            continue
+        nc, nk, nx = _layout(f)
+        body = f.params["jaxpr"].jaxpr
+        if any(ir.is_literal(a) for a in f.invars[nc + nk:]):
+            continue
+        invars = set(body.invars)
+        by_b: dict = {}
+        thru: dict = {}
+        for y, (outer, bv) in enumerate(zip(f.outvars[nk:], body.outvars[nk:])):
+            if not ir.is_var(outer) or ir.is_dropvar(outer) or outer in outs:
+                continue
+            if not ir.is_var(bv) or bv in body.constvars:
+                continue
+            us = users.get(outer, [])
+            bs = {i for i, _ in us}
+            if len(bs) != 1:
+                continue
+            bi = next(iter(bs))
+            b = eqns[bi]
+            if b.primitive.name != "scan" or b.params["length"] != f.params["length"]:
+                continue
+            bnc, bnk, _ = _layout(b)
+            if any(p < bnc + bnk for _, p in us):
+                continue  # read as a const or carry, not sliced per iteration
+            if bv in invars:  # a carry or xs slice passed through: B has it, reuse it
+                thru.setdefault(bi, {}).setdefault(bv, us[0][1])
+                continue
+            by_b.setdefault(bi, []).append(Residual(y, bv, outer, [p for _, p in us],
+                                                    ir.aval_nbytes(outer.aval)))
+        if by_b:  # one backward scan per forward scan: the one reading the most bytes
+            bi = max(by_b, key=lambda i: sum(r.nbytes for r in by_b[i]))
+            pairs.append(ScanPair(fi, bi, by_b[bi], int(f.params["length"]), thru.get(bi, {})))
+    seen_b: set = set()  # a backward scan rewritten for two forward scans would clash
+    return [p for p in pairs if not (p.b in seen_b or seen_b.add(p.b))]
+
+
+def _cone(body, targets, avail):
+    """Equations of ``body`` recomputing ``targets`` from leaves: ``avail`` vars (B
+    already holds them), invars and constvars. (eqn indices, leaves) or None."""
+    producer = {}
+    for i, e in enumerate(body.eqns):
+        for v in e.outvars:
+            if ir.is_var(v):
+                producer[v] = i
+    need = [t for t in targets]
+    seen = set()
+    picked, leaves = set(), []
+    while need:
+        v = need.pop()
+        if v in seen or not ir.is_var(v):
+            continue
+        seen.add(v)
+        if v in avail or v not in producer:
+            leaves.append(v)
+            continue
+        i = producer[v]
+        if i in picked:
+            continue
+        if not recomputable(body.eqns[i]):
+            return None
+        picked.add(i)
+        need.extend(a for a in body.eqns[i].invars if ir.is_var(a))
+    return sorted(picked), leaves
+
+
+def _pair_cost(jaxpr, pair: ScanPair, drop: set, flops_cache: dict):
+    """(model bytes saved, FLOPs recomputed) when ``pair`` drops residuals ``drop``."""
+    if not drop:
+        return 0, 0.0
+    f = pair.f_eqn(jaxpr)
+    body = f.params["jaxpr"].jaxpr
+    nc, nk, _ = _layout(f)
+    kept = {r.body_var for j, r in enumerate(pair.residuals) if j not in drop}
+    kept |= set(pair.passthrough)
+    got = _cone(body, [pair.residuals[j].body_var for j in drop], kept)
+    if got is None:
+        return None
+    picked, leaves = got
+    carries = set(body.invars[nc:nc + nk])
+    extra = sum(ir.aval_nbytes(v.aval) for v in set(leaves) if v in carries and v not in kept)
+    saved = sum(pair.residuals[j].nbytes for j in drop) - extra * pair.length
+    flops = 0.0
+    for i in picked:
+        if i not in flops_cache:
+            flops_cache[i] = analysis.eqn_cost(body.eqns[i]).flops
+        flops += flops_cache[i]
+    return saved, flops * pair.length
+
+
+def plan_scans(cj) -> ScanPlan:
+    """Scan pairs of ``cj``'s top level and a greedy drop order (bytes saved per FLOP)."""
+    jaxpr = cj.jaxpr if isinstance(cj, ir.ClosedJaxpr) else cj
+    pairs = find_pairs(jaxpr)
+    caches = [dict() for _ in pairs]
+    # residuals whose cone holds non-recomputable equations never drop
+    items = [(pi, j) for pi, p in enumerate(pairs) for j in range(len(p.residuals))
+             if _pair_cost(jaxpr, p, {j}, caches[pi]) is not None]
+    drop = [set() for _ in pairs]
+    cur = [(0, 0.0) for _ in pairs]
+    order, levels = [], [(0, 0, 0.0)]
+    best_saved = 0
+    left = list(items)
+    while left:
+        best = None
+        for it in left:
+            pi, j = it
+            c = _pair_cost(jaxpr, pairs[pi], drop[pi] | {j}, caches[pi])
+            if c is None:
+                continue
+            gain, dfl = c[0] - cur[pi][0], c[1] - cur[pi][1]
+            # positive gains by bytes per FLOP; else the least loss (it may pay off later)
+            key = (gain > 0, gain / max(dfl, 1.0) if gain > 0 else gain)
+            if best is None or key > best[0]:
+                best = (key, it, c)
+        if best is None:
+            break
+        _, (pi, j), c = best
+        left.remove((pi, j))
+        drop[pi].add(j)
+        cur[pi] = c
+        order.append((pi, j))
+        saved = sum(s for s, _ in cur)
+        if saved > best_saved:
+            best_saved = saved
+            levels.append((len(order), saved, sum(fl for _, fl in cur)))
+    return ScanPlan(pairs, order, levels)
+
+
+def _stacked(aval, length):
+    return aval.update(shape=(length,) + tuple(aval.shape))
+
+
+def _dce_body(body):
+    """``body`` without equations nothing reads (effectful ones stay); same interface."""
+    need = {v for v in body.outvars if ir.is_var(v)}
+    kept = []
+    for e in reversed(body.eqns):
+        if ir.impure(e) or any(ir.is_var(v) and v in need for v in e.outvars):
+            kept.append(e)
+            need.update(a for a in e.invars if ir.is_var(a))
+    kept.reverse()
+    return ir.make_jaxpr_from(body, eqns=kept)
+
+
+def _rewrite_pair(jaxpr, pair: ScanPair, drop: set):
+    """New (F eqn, B eqn) with the residuals ``drop`` recomputed inside B's body."""
+    f, b = pair.f_eqn(jaxpr), pair.b_eqn(jaxpr)
+    fcj, bcj = f.params["jaxpr"], b.params["jaxpr"]
+    fb, bb = fcj.jaxpr, bcj.jaxpr
+    nc, nk, nx = _layout(f)
+    bnc, bnk, bnx = _layout(b)
+    L = pair.length
+    kept_res = [r for j, r in enumerate(pair.residuals) if j not in drop]
+    dropped = [pair.residuals[j] for j in sorted(drop)]
+    avail = {v: bb.invars[p] for v, p in pair.passthrough.items()}
+    for r in kept_res:
+        avail.setdefault(r.body_var, bb.invars[r.bpos[0]])
+    picked, leaves = _cone(fb, [r.body_var for r in dropped], set(avail))
+
+    # leaves -> atoms inside B's body, and what B's equation must pass in
+    new_bconstvars, new_bconsts = [], []      # closed consts of F's body
+    new_const_in, new_const_outer = [], []    # F's consts
+    new_xs_in, new_xs_outer = [], []          # stacked carries and F's xs
+    new_f_body_out, new_f_outer = [], []      # carries F now emits
+    pos = {v: i for i, v in enumerate(fb.invars)}
+    cpos = {v: i for i, v in enumerate(fb.constvars)}
+    in_atoms = []
+    for v in leaves:
+        if v in avail:
+            in_atoms.append(avail[v])
+        elif v in cpos:
+            nv = ir.new_var(v.aval)
+            new_bconstvars.append(nv)
+            new_bconsts.append(fcj.consts[cpos[v]])
+            in_atoms.append(nv)
+        else:
+            i = pos[v]
+            outer = f.invars[i]
+            if i < nc:
+                if ir.is_literal(outer):
+                    in_atoms.append(outer)
+                    continue
+                nv = ir.new_var(v.aval)
+                new_const_in.append(nv)
+                new_const_outer.append(outer)
+            elif i < nc + nk:
+                stacked = ir.new_var(_stacked(v.aval, L))
+                new_f_body_out.append(v)
+                new_f_outer.append(stacked)
+                nv = ir.new_var(v.aval)
+                new_xs_in.append(nv)
+                new_xs_outer.append(stacked)
+            else:
+                nv = ir.new_var(v.aval)
+                new_xs_in.append(nv)
+                new_xs_outer.append(outer)
+            in_atoms.append(nv)
+    cone = ir.make_jaxpr_from(fb, constvars=[], invars=list(leaves),
+                              outvars=[r.body_var for r in dropped],
+                              eqns=[fb.eqns[i] for i in picked], effects=frozenset())
+    copied, outs = ir.copy_eqns(cone, in_atoms)
+    copied = [ir.eqn_with_name_stack(e, "remat") for e in copied]
+
+    # F: drop the residual ys, emit the needed carries
+    dropped_y = {r.y for r in dropped}
+    keep_y = [y for y in range(len(f.outvars) - nk) if y not in dropped_y]
+    f_body = ir.make_jaxpr_from(
+        fb, outvars=list(fb.outvars[:nk]) + [fb.outvars[nk + y] for y in keep_y] + new_f_body_out)
+    f_body = _dce_body(f_body)
+    new_f = f.replace(
+        params={**f.params, "jaxpr": ir.closed(f_body, fcj.consts)},
+        outvars=list(f.outvars[:nk]) + [f.outvars[nk + y] for y in keep_y] + new_f_outer)
+
+    # B: consts + F's consts, carries, kept xs + new xs; recompute at the top of the body
+    dropped_pos = {p for r in dropped for p in r.bpos}
+    sub = {}
+    for r, o in zip(dropped, outs):
+        for p in r.bpos:
+            sub[bb.invars[p]] = o
+    xs_keep = [p for p in range(bnc + bnk, len(b.invars)) if p not in dropped_pos]
+    b_invars = (list(bb.invars[:bnc]) + new_const_in + list(bb.invars[bnc:bnc + bnk])
+                + [bb.invars[p] for p in xs_keep] + new_xs_in)
+    b_eqns = copied + [e.replace(invars=[sub.get(a, a) if ir.is_var(a) else a
+                                         for a in e.invars]) for e in bb.eqns]
+    b_out = [sub.get(v, v) if ir.is_var(v) else v for v in bb.outvars]
+    b_body = ir.make_jaxpr_from(bb, constvars=list(bb.constvars) + new_bconstvars,
+                                invars=b_invars, outvars=b_out, eqns=b_eqns)
+    lin = list(b.params.get("linear", (False,) * len(b.invars)))
+    b_lin = (lin[:bnc] + [False] * len(new_const_in) + lin[bnc:bnc + bnk]
+             + [lin[p] for p in xs_keep] + [False] * len(new_xs_in))
+    b_outer = (list(b.invars[:bnc]) + new_const_outer + list(b.invars[bnc:bnc + bnk])
+               + [b.invars[p] for p in xs_keep] + new_xs_outer)
+    params = {**b.params, "jaxpr": ir.closed(b_body, list(bcj.consts) + new_bconsts),
+              "num_consts": bnc + len(new_const_in)}
+    if "linear" in b.params:
+        params["linear"] = tuple(b_lin)
+    new_b = b.replace(invars=b_outer, params=params)
+    return new_f, new_b
+
+
+def apply_scans(cj: ir.ClosedJaxpr, plan: ScanPlan, k: int, stats=None) -> ir.ClosedJaxpr:
+    """``cj`` with the first ``k`` residuals of ``plan.order`` recomputed inside B."""
+    if k <= 0:
+        return cj
+    drop = [set() for _ in plan.pairs]
+    for pi, j in plan.order[:k]:
+        drop[pi].add(j)
+    eqns = list(cj.jaxpr.eqns)
+    for pair, d in zip(plan.pairs, drop):
+        if not d:
+            continue
+        eqns[pair.f], eqns[pair.b] = _rewrite_pair(cj.jaxpr, pair, d)
+        if stats is not None:
+            stats.hit("remat.scan_residuals_dropped", len(d))
+            stats.note(f"remat: scan pair (eqns {pair.f}, {pair.b}, length {pair.length}): "
+                       f"{len(d)}/{len(pair.residuals)} stacked residuals recomputed in the "
+                       f"backward scan body")
+    return ir.closed(ir.make_jaxpr_from(cj.jaxpr, eqns=eqns), cj.consts)
+
+
+def scan_rematerialized(jaxpr) -> bool:
+    """Whether a top-level scan body already holds graphopt recomputations."""
+    for e in jaxpr.eqns:
+        if e.primitive.name == "scan":
+            if any(ir.name_stack(x).split("/")[0] == "remat"
+                   for x in e.params["jaxpr"].jaxpr.eqns):
+                return True
+    return False
+
+
+__all__ = ["ScanPair", "ScanPlan", "Residual", "find_pairs", "plan_scans", "apply_scans",
+           "scan_rematerialized"]
+
+
+def choose_level(plan: ScanPlan, build, measure, base: int, floor: int, budget_bytes: int,
+                 max_compiles: int = 5, stats=None):
+    """Index into ``plan.levels`` of the cheapest prefix measuring <= ``budget_bytes``.
+
+    ``build(k) -> program``, ``measure(program) -> bytes``; ``base`` is the level-0
+    measurement, ``floor`` the last level's (which must meet the budget). Interpolates
+    the model's bytes saved between the nearest levels measured over and under budget,
+    then bisects (at most ``max_compiles`` compiles). Returns (index, program, bytes).
+    """
+    from graphopt import progress
+    lv = plan.levels
+    lo, hi = 0, len(lv) - 1
+    meas = {lo: (None, base), hi: (None, floor)}
+    with progress.bar(max_compiles, "remat: scan levels", leave=False) as pbar:
+        for _ in range(max_compiles):
+            if hi - lo <= 1:
+                break
+            (_, m_lo), (_, m_hi) = meas[lo], meas[hi]
+            s_lo, s_hi = lv[lo][1], lv[hi][1]
+            want = s_lo + (m_lo - budget_bytes) * (s_hi - s_lo) / max(m_lo - m_hi, 1)
+            idx = next((i for i in range(lo + 1, hi) if lv[i][1] >= want), hi - 1)
+            prog = build(lv[idx][0])
+            meas[idx] = (prog, measure(prog))
+            pbar.update()
+            if stats is not None:
+                stats.note(f"remat: scan level {lv[idx][0]}/{lv[-1][0]} residuals dropped: "
+                           f"measured {analysis.fmt_bytes(meas[idx][1])}")
+            if meas[idx][1] <= budget_bytes:
+                hi = idx
+            else:
+                lo = idx
+    prog, mem = meas[hi]
+    return hi, (prog if prog is not None else build(lv[hi][0])), mem
+
+
+__all__ += ["choose_level"]
