@@ -110,7 +110,7 @@ def _dce_closed(cj: ir.ClosedJaxpr, stats: Stats, allow_consts=True) -> ir.Close
         if ir.has_subjaxprs(eqn) and eqn.primitive.name in ir.known_primitives():
             new = ir.map_subjaxprs(eqn, lambda j, is_open: _dce_closed(j, stats))
             rule = DCE_RULES.get(new.primitive.name, _dce_default)
-            used_inputs, pruned = rule(used, new, stats)
+            _, pruned = rule(used, new, stats)
             if pruned is None:  # JAX's rule says the whole equation is dead
                 stats.hit("dce.eqn")
                 changed = True
@@ -119,13 +119,8 @@ def _dce_closed(cj: ir.ClosedJaxpr, stats: Stats, allow_consts=True) -> ir.Close
                 pruned = new  # JAX's rules rebuild the equation even when nothing was pruned
             if pruned is not eqn:
                 changed = True
-            eqn = pruned
-            ins = [v for v, u in zip(new.invars, used_inputs) if u] \
-                if len(used_inputs) == len(new.invars) else eqn.invars
-            live.update(v for v in ins if ir.is_var(v))
-            live.update(v for v in eqn.invars if ir.is_var(v))
-        else:
-            live.update(v for v in eqn.invars if ir.is_var(v))
+            eqn = pruned  # its inputs are exactly the ones the kept outputs need
+        live.update(v for v in eqn.invars if ir.is_var(v))
         kept.append(eqn)
     keep_consts = [v in live for v in jaxpr.constvars]
     if not all(keep_consts):
