@@ -148,8 +148,9 @@ class View(ir.Graph):
         self.ctx = ctx
         self._descendants: dict = {}
 
-    def eqn_of(self, atom):
-        return self.producer_eqn(atom)
+    def option(self, name: str, default=None):
+        """A pass option from the pipeline's context (``default`` without one)."""
+        return self.ctx.option(name, default) if self.ctx is not None else default
 
     def scalar_value(self, atom):
         """The value of a scalar literal, or of a broadcast of one; else None."""

@@ -162,7 +162,6 @@ class _Scores:
     scale: float = 1.0
     masks: list = dataclasses.field(default_factory=list)   # (pred atom, keep_if_true, fill)
     biases: list = dataclasses.field(default_factory=list)
-    q_scale_eqns: set = dataclasses.field(default_factory=set)
 
 
 def _scores(view: View, s, eqns: set, acc: _Scores | None = None, seen_scale=False):

@@ -27,11 +27,6 @@ from graphopt import ir
 from graphopt.patterns import Match, Rule, View
 
 
-def _opt(view: View, name: str, default):
-    ctx = view.ctx
-    return ctx.option(name, default) if ctx is not None and hasattr(ctx, "option") else default
-
-
 def _nbytes(a) -> int:
     return ir.aval_nbytes(a.aval)
 
@@ -99,7 +94,7 @@ class ParallelDots(Rule):
         ws = [view.eqns[j].invars[1 - side] for j in members]
         if any(view.depends_on(w, outs) for w in ws):
             return None
-        mode = _opt(view, "parallel_dots", "auto")
+        mode = view.option("parallel_dots", "auto")
         if mode is False or mode == "never":
             return None
         if mode != "always" and (len(ws) - 1) * _nbytes(x) < 2 * sum(_nbytes(w) for w in ws):
@@ -197,7 +192,7 @@ class MatmulChain(Rule):
             [l.aval.shape[1] for l in leaves[1:]]
         now, _ = _tree_cost(tree, dims)
         best, split = chain_order(dims)
-        if best > _opt(view, "chain_ratio", 0.8) * now:
+        if best > view.option("chain_ratio", 0.8) * now:
             return None
         pet = root.params.get("preferred_element_type")
 

@@ -121,11 +121,6 @@ def chunked_cross_entropy(h, w, labels, *, chunk: int = 1024, w_vd: bool = False
     return -jnp.mean(chunked_logprob(h, w, labels, chunk=chunk, w_vd=w_vd))
 
 
-def _opt(view: View, name: str, default):
-    ctx = view.ctx
-    return ctx.option(name, default) if ctx is not None and hasattr(ctx, "option") else default
-
-
 def _log_softmax_input(view: View, L, eqns: set):
     """``L`` = log_softmax(z) over one axis: (z, axis) or None."""
     e = _prod(view, L, "sub")
@@ -191,11 +186,11 @@ class CrossEntropyRule(Rule):
         eqns.add(view.producer[z])
         n_tok = int(np.prod(h.aval.shape[:-1]))
         v = w.aval.shape[0 if w_vd else 1]
-        chunk = _opt(view, "xent_chunk", None)
+        chunk = view.option("xent_chunk", None)
         if chunk is None:
-            chunk = max(128, (_opt(view, "xent_chunk_bytes", 16 << 20) // (4 * max(n_tok, 1))) // 128 * 128)
+            chunk = max(128, (view.option("xent_chunk_bytes", 16 << 20) // (4 * max(n_tok, 1))) // 128 * 128)
         chunk = int(min(chunk, v))
-        if 4 * n_tok * v < _opt(view, "xent_min_bytes", 32 << 20) or v < 2 * chunk:
+        if 4 * n_tok * v < view.option("xent_min_bytes", 32 << 20) or v < 2 * chunk:
             return None  # logits small enough that chunking would only cost time
         mode = getattr(p["mode"], "name", str(p["mode"]))
         fill = p.get("fill_value")
