@@ -166,14 +166,28 @@ def substitute_inputs(rw: Rewriter, eqn):
 
 def rewrite(cj: ir.ClosedJaxpr, table: RuleTable, stats: Stats | None = None, *,
             recurse: bool = True, allow_consts: bool = True, depth: int = 0,
-            setup: Callable | None = None) -> ir.ClosedJaxpr:
+            setup: Callable | None = None, memo: dict | None = None) -> ir.ClosedJaxpr:
     """Apply ``table`` to every equation of ``cj`` (and of its sub-jaxprs).
 
     Returns ``cj`` itself when nothing changed, so callers can test ``is``.
     ``setup(rw, cj)``, if given, runs at the start of every jaxpr level (the top one and
     each sub-jaxpr): passes use it to keep per-level state on the :class:`Rewriter`.
+    A sub-jaxpr shared by several equations (one jitted layer called N times) is
+    rewritten once and stays shared, so rule hits count it once.
     """
     stats = stats if stats is not None else Stats()
+    memo = {} if memo is None else memo
+
+    def sub_rewrite(j, is_open):
+        key = (id(j.jaxpr), tuple(id(c) for c in j.consts), is_open)
+        got = memo.get(key)
+        if got is not None and got[0] is j.jaxpr:  # the identity check guards against id reuse
+            return got[1] if got[1] is not got[2] else j
+        out = rewrite(j, table, stats, recurse=True, allow_consts=not is_open, depth=depth + 1,
+                      setup=setup, memo=memo)
+        memo[key] = (j.jaxpr, out, j)
+        return out
+
     rw = Rewriter(table, stats, allow_consts, depth)
     if setup is not None:
         setup(rw, cj)
@@ -188,9 +202,7 @@ def rewrite(cj: ir.ClosedJaxpr, table: RuleTable, stats: Stats | None = None, *,
             rw.emit(new)
             continue
         if recurse and ir.has_subjaxprs(new):
-            sub = ir.map_subjaxprs(new, lambda j, is_open: rewrite(
-                j, table, stats, recurse=True, allow_consts=not is_open, depth=depth + 1,
-                setup=setup))
+            sub = ir.map_subjaxprs(new, sub_rewrite)
             if sub is not new:
                 rw.changed = True
                 new = sub

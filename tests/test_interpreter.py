@@ -294,3 +294,18 @@ def test_stats_merge_and_dict():
 def _template():
     """A traced one-in one-out jaxpr whose debug info hand-built jaxprs reuse."""
     return jax.make_jaxpr(lambda x: x)(1.0).jaxpr
+
+
+def test_shared_sub_jaxpr_is_rewritten_once_and_stays_shared():
+    layer = jax.jit(lambda x: x * 2.0 * 1.0)  # one traced body, called twice
+
+    def f(x):
+        return layer(layer(x))
+    cj = jax.make_jaxpr(f)(V)
+    a, b = (e.params["jaxpr"] for e in cj.jaxpr.eqns)
+    assert a is b
+    res = resolve("simplify")[0](cj, PassContext())
+    a2, b2 = (e.params["jaxpr"] for e in res.jaxpr.jaxpr.eqns)
+    assert a2 is b2 and a2 is not a
+    assert res.stats.hits["simplify.mul_one"] == 1
+    np.testing.assert_array_equal(ir.eval_jaxpr(res.jaxpr, V)[0], f(V))
