@@ -19,7 +19,9 @@ recomputation with the forward value it was meant to replace. Every recomputatio
 runs inside a ``lax.cond`` whose two branches are the same recomputation and whose
 predicate comes from a backward value (``g[0] == g[0]``): XLA cannot fold it, so the
 recomputation stays, happens after the cotangent exists, and results are identical
-whatever the predicate (both branches agree).
+whatever the predicate (both branches agree). Only a segment's non-fusible core runs in
+the cond; its per-element tail runs after it on the cond's outputs, so XLA can still fuse
+it into the backward consumers (``remat_narrow_fence``).
 
 Budget (option ``memory_budget``): int bytes, a string like ``"2GiB"``/``"300MB"``, or
 a float in (0, 1] = that fraction of the un-rematerialized program's XLA temp memory
@@ -109,6 +111,52 @@ def _segment_fun(jaxpr, seg):
     return ir.jaxpr_as_fun(ir.closed(sub))
 
 
+# Per-element primitives XLA fuses into their consumers rather than materializing.
+_FUSIBLE = frozenset((
+    "add", "add_any", "sub", "mul", "div", "neg", "max", "min", "abs", "sign", "square",
+    "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "select_n", "sqrt", "rsqrt",
+    "exp", "log", "tanh", "logistic", "integer_pow", "pow", "erf", "broadcast_in_dim",
+    "reshape", "squeeze", "expand_dims", "convert_element_type", "copy", "copy_p"))
+
+
+def _fusible(e) -> bool:
+    subs = [s for _, _, s in ir.subjaxpr_params(e)]
+    if subs and e.primitive.name in ("custom_jvp_call", "jit", "pjit", "closed_call"):
+        return all(_fusible(x) for s in subs for x in ir.as_closed(s).jaxpr.eqns)
+    return e.primitive.name in _FUSIBLE and not subs
+
+
+def _core_tail(jaxpr, seg):
+    """Split ``seg``'s equations: (core run inside the fence, fusible tail after it).
+
+    A cond returns every output materialized at once, which defeats XLA's fusion of
+    cheap elementwise residuals into their backward consumers (the CNN's BN/ReLU
+    values): only the tail's inputs leave the fence; each tail equation reads at least
+    one fenced value, so XLA's CSE cannot merge it with the forward copy.
+    """
+    eqns = [jaxpr.eqns[i] for i in seg.eqns]
+    made = {v for e in eqns for v in e.outvars}
+    core = [not _fusible(e) for e in eqns]
+    prod = {v: k for k, e in enumerate(eqns) for v in e.outvars}
+    for k in range(len(eqns) - 1, -1, -1):  # what a core equation reads is core too
+        if core[k]:
+            for a in eqns[k].invars:
+                if ir.is_var(a) and a in prod:
+                    core[prod[a]] = True
+    # a tail equation reading only forward values gets its smallest input through the
+    # fence (identity), else CSE would merge it with its forward copy
+    via = {}
+    for e, c in zip(eqns, core):
+        if not c and not any(ir.is_var(a) and (a in made or a in via) for a in e.invars):
+            ins = [a for a in e.invars if ir.is_var(a) and a not in made]
+            if not ins:  # e.g. an iota-only broadcast: keep it inside
+                continue
+            v = min(ins, key=lambda a: ir.aval_nbytes(a.aval))
+            via[v] = ir.new_var(v.aval)
+    return ([e for e, c in zip(eqns, core) if c], [e for e, c in zip(eqns, core) if not c],
+            via)
+
+
 def _frontier(eqns, a: int, b: int) -> list:
     """Float outputs of ``eqns[a:b]`` that no equation in ``eqns[a:b]`` reads."""
     read = {x for e in eqns[a:b] for x in e.invars if ir.is_var(x)}
@@ -117,7 +165,7 @@ def _frontier(eqns, a: int, b: int) -> list:
 
 
 def apply_post_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats,
-                  order_backward: bool = True) -> ir.ClosedJaxpr:
+                  order_backward: bool = True, narrow: bool = True) -> ir.ClosedJaxpr:
     """``cj`` with the chosen segments' residuals recomputed (fenced) before first use."""
     jaxpr = cj.jaxpr
     eqns = jaxpr.eqns
@@ -155,8 +203,27 @@ def apply_post_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats,
                            "fence on; used an optimization_barrier (XLA CPU may undo it)")
             fn = _segment_fun(jaxpr, seg)
             ng = len(gs)
-            inl = ir.inline(lambda *a, fn=fn, ng=ng: fenced(fn, a[:ng], *a[ng:]),
-                            list(gs) + list(seg.inputs))
+            core, tail, via = _core_tail(jaxpr, seg) if narrow else (None, [], {})
+            if tail:
+                cmade = {v for x in core for v in x.outvars}
+                read = [a for x in tail for a in x.invars] + list(seg.outputs)
+                mid = list(dict.fromkeys(a for a in read if ir.is_var(a) and a in cmade))
+                cfn = ir.jaxpr_as_fun(ir.closed(ir.make_jaxpr_from(
+                    jaxpr, constvars=[], invars=list(seg.inputs), outvars=mid + list(via),
+                    eqns=core, effects=frozenset())))
+                tail = [x.replace(invars=[via.get(a, a) if ir.is_var(a) else a
+                                          for a in x.invars]) for x in tail]
+                tfn = ir.jaxpr_as_fun(ir.closed(ir.make_jaxpr_from(
+                    jaxpr, constvars=[], invars=mid + list(via.values()) + list(seg.inputs),
+                    outvars=list(seg.outputs), eqns=tail, effects=frozenset())))
+                stats.hit("remat.fused_tail_eqns", len(tail))
+
+                def fn2(*a, cfn=cfn, tfn=tfn, ng=ng):
+                    return tfn(*fenced(cfn, a[:ng], *a[ng:]), *a[ng:])
+            else:
+                def fn2(*a, fn=fn, ng=ng):
+                    return fenced(fn, a[:ng], *a[ng:])
+            inl = ir.inline(fn2, list(gs) + list(seg.inputs))
             # the "remat" scope marks recomputations for reports and memory plots
             new_eqns.extend(ir.eqn_with_name_stack(x, "remat") for x in inl.eqns)
             consts.extend(inl.consts)
@@ -362,22 +429,55 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
     if order not in ("auto", True, False):
         raise ValueError(f"remat: remat_order_backward must be 'auto', True or False, got {order!r}")
 
-    def build(remat, order_backward=None):
+    narrow = ctx.option("remat_narrow_fence", "auto")
+    if narrow not in ("auto", True, False):
+        raise ValueError(f"remat: remat_narrow_fence must be 'auto', True or False, got {narrow!r}")
+
+    def build(remat, order_backward=None, narrow_fence=None):
         ob = order if order_backward is None else order_backward
-        return wrap(apply_post_ad(inner, plan, remat, Stats(), order_backward=ob))
+        nf = narrow if narrow_fence is None else narrow_fence
+        return wrap(apply_post_ad(inner, plan, remat, Stats(), order_backward=ob,
+                                  narrow=nf is not False))
 
     # The least-memory plan, measured once: it fixes the fence ordering that XLA keeps
     # best (auto) and the smallest feasible budget, so infeasible budgets fail fast.
     least = solve_greedy(plan, 0)
-    floors = {ob: measure(build(least.remat, ob)) for ob in
-              ((True, False) if order == "auto" else (order,))}
+    floors = {ob: measure(build(least.remat, ob, True if narrow == "auto" else narrow))
+              for ob in ((True, False) if order == "auto" else (order,))}
     order = min(floors, key=lambda ob: (floors[ob], not ob))
     floor = floors[order]
+    if narrow == "auto":
+        # the fused tail helps where residuals are cheap elementwise values XLA would fuse
+        # (CNN, GPT), and can cost where the segment's core outputs are many (deep MLP)
+        wide = measure(build(least.remat, order, False))
+        narrow = wide >= floor
+        stats.note(f"remat: least-memory plan with the fusible tail outside the fence: "
+                   f"{analysis.fmt_bytes(floor)}, whole segment inside: "
+                   f"{analysis.fmt_bytes(wide)}")
+        floor = min(floor, wide)
     stats.note(f"remat: least-memory plan measures {analysis.fmt_bytes(floor)} "
                + (f"(backward ordered at fences: {analysis.fmt_bytes(floors[True])}, not "
                   f"ordered: {analysis.fmt_bytes(floors[False])})" if len(floors) == 2 else ""))
     if floor > budget_bytes * 1.05:
-        raise BudgetError(_infeasible_msg(budget_bytes, min(floor, seg_base), base))
+        # The byte model ignores XLA's fusion: a chosen segment can cost more than it
+        # saves (CNN: 18 MiB with all three, 16 MiB without the stage-1 ones). Drop
+        # chosen segments one at a time while the measured figure falls.
+        cur, chosen = list(least.remat), [i for i, r in enumerate(least.remat) if r]
+        if 1 < len(chosen) <= ctx.option("remat_refine_max", 20):
+            for i in reversed(chosen):
+                trial = list(cur)
+                trial[i] = False
+                m = measure(build(trial, order))
+                if m < floor:
+                    cur, floor = trial, m
+            stats.note(f"remat: least-memory plan refined by dropping segments: "
+                       f"{sum(cur)}/{len(chosen)} kept, {analysis.fmt_bytes(floor)}")
+        if floor > budget_bytes * 1.05:
+            raise BudgetError(_infeasible_msg(budget_bytes, min(floor, seg_base), base))
+        prog = wrap(apply_post_ad(inner, plan, cur, stats, order_backward=order,
+                                  narrow=narrow))
+        return _done(cj, prog, stats, "solver greedy+measured refinement", base, floor,
+                     budget_bytes, plan.flops(cur) + scan_flops)
 
     prog, sol, mem = choose(plan, build, measure, budget_bytes, seg_base,
                             solver=ctx.option("remat_solver", "auto"),
@@ -386,7 +486,8 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
                             anchor=(least.model_bytes, floor))
     if not any(sol.remat) and seg_base == base:
         return PassResult(cj, False, stats)
-    prog = wrap(apply_post_ad(inner, plan, sol.remat, stats, order_backward=order))
+    prog = wrap(apply_post_ad(inner, plan, sol.remat, stats, order_backward=order,
+                              narrow=narrow))
     return _done(cj, prog, stats, f"solver {sol.solver} ({sol.seconds * 1e3:.1f} ms)", base,
                  mem, budget_bytes, sol.flops + scan_flops)
 
