@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -452,23 +451,13 @@ class _Acc:
                            self.unknown_trips, dict(self.unknown_prims), r, wr)
 
 
-_TRANSFORM_RE = re.compile(r"^[^()/]+\((.*)\)$")
 # Scopes JAX pushes itself (AD's recomputation of a checkpointed region), not the user's.
 _INTERNAL_SCOPES = frozenset({"rematted_computation"})
 
 
 def _scope_components(eqn) -> tuple[str, ...]:
     """named_scope names of ``eqn`` with AD/vmap wrappers ('transpose(jvp(b1))') removed."""
-    out: list[str] = []
-    for comp in ir.name_stack(eqn).split("/"):
-        m = _TRANSFORM_RE.match(comp)
-        while m:
-            comp = m.group(1)
-            m = _TRANSFORM_RE.match(comp)
-        # AD re-pushes a remat'd region's scope ('transpose(jvp(b))/jvp(b)'): keep one
-        if comp and comp not in _INTERNAL_SCOPES and (not out or out[-1] != comp):
-            out.append(comp)
-    return tuple(out)
+    return ir.scope_path(ir.name_stack(eqn), _INTERNAL_SCOPES)
 
 
 def _leaves(jaxpr, weight: float, scope: tuple[str, ...], acc: _Acc):

@@ -13,6 +13,7 @@ inlining a traced function's equations).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -190,6 +191,27 @@ def name_stack(eqn) -> str:
         return str(eqn.source_info.name_stack)
     except Exception:
         return ""
+
+
+_TRANSFORM_RE = re.compile(r"^[^()/]+\((.*)\)$")
+
+
+def scope_path(ns: str, drop=frozenset()) -> tuple[str, ...]:
+    """The ``jax.named_scope`` names of a name stack, AD/vmap wrappers removed.
+
+    'transpose(jvp(block1))/attention' -> ('block1', 'attention'); names in ``drop``
+    (scopes JAX pushes itself) are skipped, and a name AD pushes twice in a row
+    ('transpose(jvp(b))/jvp(b)' for a rematerialized region) is kept once.
+    """
+    out: list[str] = []
+    for comp in ns.split("/"):
+        m = _TRANSFORM_RE.match(comp)
+        while m:
+            comp = m.group(1)
+            m = _TRANSFORM_RE.match(comp)
+        if comp and comp not in drop and (not out or out[-1] != comp):
+            out.append(comp)
+    return tuple(out)
 
 
 def eqn_with_name_stack(eqn, prefix: str):

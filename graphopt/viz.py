@@ -33,7 +33,6 @@ MARK_COLORS = {"removed": "#f87171", "fused": "#c084fc", "recomputed": "#38bdf8"
 # Which mark a pass family leaves on what it removes / what it adds.
 _FAMILY_MARKS = {"prune": ("removed", "added"), "fuse": ("fused", "fused"),
                  "remat": ("removed", "recomputed"), "precision": ("cast", "cast")}
-_TRANSFORM_RE = re.compile(r"^[^()/]+\((.*)\)$")
 _INTERNAL_SCOPES = frozenset({"rematted_computation", "checkpoint", "remat"})
 
 
@@ -79,15 +78,7 @@ class Group:
 
 def _scope_components(ns: str) -> list[str]:
     """named_scope names of a name stack with AD/vmap wrappers removed."""
-    out: list[str] = []
-    for comp in ns.split("/"):
-        m = _TRANSFORM_RE.match(comp)
-        while m:
-            comp = m.group(1)
-            m = _TRANSFORM_RE.match(comp)
-        if comp and comp not in _INTERNAL_SCOPES and (not out or out[-1] != comp):
-            out.append(comp)
-    return out
+    return list(ir.scope_path(ns, _INTERNAL_SCOPES))
 
 
 def _phase_of(ns: str, inherited: str, post_ad: bool, seen_backward: bool) -> str:
