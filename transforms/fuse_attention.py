@@ -98,6 +98,32 @@ def _centered(view, z, eqns):
     return z, None
 
 
+def log_softmax_input(view: View, L, eqns: set):
+    """``L`` = log_softmax(z) over one axis: (z, axis) or None."""
+    e = _prod(view, L, "sub")
+    if e is None:
+        return None
+    local = {view.producer[L]}
+    hh, lg = e.invars
+    lg = _through(view, lg, ("broadcast_in_dim", "reshape"), local)
+    lge = _prod(view, lg, "log")
+    if lge is None:
+        return None
+    local.add(view.producer[lg])
+    red = _reduce(view, lge.invars[0], "reduce_sum", local)
+    if red is None:
+        return None
+    ex = _prod(view, red[0], "exp")
+    if ex is None or ex.invars[0] is not hh:
+        return None
+    local.add(view.producer[red[0]])
+    z, ax = _centered(view, hh, local)
+    if ax is not None and ax != red[1]:
+        return None
+    eqns |= local
+    return z, red[1]
+
+
 def softmax_input(view: View, p, eqns: set):
     """If ``p`` is a softmax of s along one axis: (s, axis); equations go into ``eqns``."""
     e = _prod(view, p, "div", "mul", "exp")
@@ -105,27 +131,11 @@ def softmax_input(view: View, p, eqns: set):
         return None
     local = {view.producer[p]}
     if e.primitive.name == "exp":  # exp(log_softmax(s))
-        d = _prod(view, e.invars[0], "sub")
-        if d is None:
-            return None
-        local.add(view.producer[e.invars[0]])
-        lg = _through(view, d.invars[1], ("broadcast_in_dim", "reshape"), local)
-        lge = _prod(view, lg, "log")
-        if lge is None:
-            return None
-        local.add(view.producer[lg])
-        red = _reduce(view, lge.invars[0], "reduce_sum", local)
-        if red is None:
-            return None
-        ex = _prod(view, red[0], "exp")
-        if ex is None or ex.invars[0] is not d.invars[0]:
-            return None
-        local.add(view.producer[red[0]])
-        s, ax = _centered(view, d.invars[0], local)
-        if ax is not None and ax != red[1]:
+        got = log_softmax_input(view, e.invars[0], local)
+        if got is None:
             return None
         eqns |= local
-        return s, red[1]
+        return got
     num, den = e.invars
     if e.primitive.name == "mul":
         for a, b in ((num, den), (den, num)):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from graphopt.patterns import Match, Rule, View
-from .fuse_attention import POST_AD_HINT, _centered, _through, _prod, _reduce
+from .fuse_attention import POST_AD_HINT, log_softmax_input
 
 
 def _chunks(w, chunk, w_vd):
@@ -121,32 +121,6 @@ def chunked_cross_entropy(h, w, labels, *, chunk: int = 1024, w_vd: bool = False
     return -jnp.mean(chunked_logprob(h, w, labels, chunk=chunk, w_vd=w_vd))
 
 
-def _log_softmax_input(view: View, L, eqns: set):
-    """``L`` = log_softmax(z) over one axis: (z, axis) or None."""
-    e = _prod(view, L, "sub")
-    if e is None:
-        return None
-    local = {view.producer[L]}
-    hh, lg = e.invars
-    lg = _through(view, lg, ("broadcast_in_dim", "reshape"), local)
-    lge = _prod(view, lg, "log")
-    if lge is None:
-        return None
-    local.add(view.producer[lg])
-    red = _reduce(view, lge.invars[0], "reduce_sum", local)
-    if red is None:
-        return None
-    ex = _prod(view, red[0], "exp")
-    if ex is None or ex.invars[0] is not hh:
-        return None
-    local.add(view.producer[red[0]])
-    z, ax = _centered(view, hh, local)
-    if ax is not None and ax != red[1]:
-        return None
-    eqns |= local
-    return z, red[1]
-
-
 class CrossEntropyRule(Rule):
     def __init__(self):
         super().__init__("fuse.cross_entropy", roots=("gather",))
@@ -155,7 +129,7 @@ class CrossEntropyRule(Rule):
         g = view.eqns[i]
         L, idx = g.invars
         eqns = {i}
-        got = _log_softmax_input(view, L, eqns)
+        got = log_softmax_input(view, L, eqns)
         if got is None:
             return None
         z, ax = got
