@@ -25,28 +25,26 @@ _BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 _FLOP_UNITS = ("FLOP", "kFLOP", "MFLOP", "GFLOP", "TFLOP", "PFLOP", "EFLOP")
 
 
-def fmt_bytes(n: float) -> str:
-    """Bytes in binary units: ``fmt_bytes(1536 * 1024) == '1.5 MiB'``, ``'512 B'``."""
+def _in_units(n: float, units: tuple, base: int, smallest) -> str:
+    """``n`` in the largest unit below ``base``; ``smallest(n)`` formats the first unit."""
     n = float(n)
     sign = "-" if n < 0 else ""
     n = abs(n)
-    for unit in _BYTE_UNITS:
-        if n < 1024 or unit == _BYTE_UNITS[-1]:
-            return f"{sign}{int(n)} B" if unit == "B" else f"{sign}{n:.1f} {unit}"
-        n /= 1024
+    for unit in units:
+        if n < base or unit == units[-1]:
+            return f"{sign}{smallest(n) if unit == units[0] else f'{n:.1f}'} {unit}"
+        n /= base
     raise AssertionError("unreachable")
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes in binary units: ``fmt_bytes(1536 * 1024) == '1.5 MiB'``, ``'512 B'``."""
+    return _in_units(n, _BYTE_UNITS, 1024, lambda b: str(int(b)))
 
 
 def fmt_flops(n: float) -> str:
     """FLOPs in decimal (SI) units: ``fmt_flops(3.2e9) == '3.2 GFLOP'``, ``'12 FLOP'``."""
-    n = float(n)
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit in _FLOP_UNITS:
-        if n < 1000 or unit == _FLOP_UNITS[-1]:
-            return f"{sign}{n:.0f} {unit}" if unit == "FLOP" else f"{sign}{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
+    return _in_units(n, _FLOP_UNITS, 1000, lambda f: f"{f:.0f}")
 
 
 # ------------------------------------------------------------------- small helpers
