@@ -151,6 +151,15 @@ def prim_name(eqn) -> str:
     return eqn.primitive.name
 
 
+# jax.checkpoint's primitive: "remat2" in JAX 0.10, renamed "checkpoint" in later releases.
+_CHECKPOINT_NAMES = frozenset({"remat2", "checkpoint"})
+
+
+def is_checkpoint(eqn) -> bool:
+    """True for a ``jax.checkpoint`` (remat) call equation."""
+    return eqn.primitive.name in _CHECKPOINT_NAMES
+
+
 def effectful(eqn) -> bool:
     """True if the equation has a declared effect (print, callback, state, ordered IO)."""
     return bool(eqn.effects)

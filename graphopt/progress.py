@@ -1,8 +1,9 @@
 """Progress bars (tqdm) for what a user waits for: training loops, solvers, benchmarks.
 
 ``track(iterable)`` and ``bar(total)`` are tqdm with graphopt's defaults (text bars,
-which render in terminals and in executed notebooks alike); ``GRAPHOPT_PROGRESS=0``
-turns every bar off (CI logs). ``train`` runs an optax-style step function over
+which render in terminals and in executed notebooks alike); they are off when stderr
+is neither a terminal nor a notebook (logs, ``python bench/x.py > out.txt``), and
+``GRAPHOPT_PROGRESS=0`` / ``=1`` turns every bar off / on. ``train`` runs an optax-style step function over
 batches with the loss in the bar; ``time_fn`` / ``compare_times`` measure medians
 after warm-up with ``jax.block_until_ready``. Nothing here changes a program.
 """
@@ -19,8 +20,12 @@ from tqdm import tqdm
 
 
 def enabled() -> bool:
-    """False when the environment variable GRAPHOPT_PROGRESS is 0/false/off."""
-    return os.environ.get("GRAPHOPT_PROGRESS", "1").lower() not in ("0", "false", "off", "no")
+    """GRAPHOPT_PROGRESS if set (0/false/off/no: off), else whether anyone watches stderr."""
+    env = os.environ.get("GRAPHOPT_PROGRESS")
+    if env is not None:
+        return env.lower() not in ("0", "false", "off", "no")
+    # a redirected log gets no carriage-return animation; a notebook kernel renders bars
+    return "ipykernel" in sys.modules or bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 def bar(total: int | None = None, desc: str | None = None, **kwargs) -> tqdm:

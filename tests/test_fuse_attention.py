@@ -159,3 +159,33 @@ def test_post_ad_training_step_reports_why_and_grad_outside_fuses():
     # Decorating the loss instead fuses (gradients through it: the test above).
     fast = graphopt.optimize(gpt.loss, passes=["fuse_attention"])
     assert fast.report(p, batch).hits()["fuse.attention.causal"] == 1
+
+
+def test_block_causal_kernel_on_cpu_skips_masked_blocks():
+    # T=128: two query blocks of 64; the default pipeline's auto pass fires on CPU.
+    key = jax.random.PRNGKey(1)
+    sizes = dict(n_layers=1, d_model=16, n_heads=2, seq_len=128, vocab=32)
+    p = gpt.init(key, **sizes)
+    batch = gpt.example_batch(key, batch=2, seq_len=128, vocab=32)
+    cj, out, st = check("fuse_attention_auto", gpt.loss, p, batch)
+    assert st.hits["fuse.attention.causal"] == 1
+    from graphopt import analysis
+    # Score dots: [2,2,128,128] before; blocks [.., 64, 64] and [.., 64, 128] after: 3/4.
+    def score_flops(j):
+        return sum(analysis.eqn_cost(e).flops for e, _, _ in ir.walk_eqns(j)
+                   if e.primitive.name == "dot_general" and len(e.outvars[0].aval.shape) == 4
+                   and e.outvars[0].aval.shape[-2:] in ((64, 64), (64, 128), (128, 128)))
+    assert score_flops(out) == pytest.approx(0.75 * score_flops(cj))
+
+
+def test_block_causal_matches_dot_product_attention_with_bias():
+    from graphopt.transforms.fuse_attention import block_causal_attention, n_causal_blocks
+    for S_ in (8, 12, 6):  # S = T, S > T, S < T
+        q, k, v = arr(2, 8, 2, 4), arr(2, S_, 2, 4), arr(2, S_, 2, 4)
+        bias = arr(1, 2, 8, S_)
+        ref = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=0.5, is_causal=True,
+                                           implementation="xla")
+        got = block_causal_attention(q, k, v, scale=0.5, n_blocks=4, bias=bias)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert n_causal_blocks(256, 256) == 4 and n_causal_blocks(128, 128) == 2
+    assert n_causal_blocks(64, 64) == 0 and n_causal_blocks(256, 32) == 0  # too short

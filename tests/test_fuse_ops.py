@@ -216,7 +216,6 @@ def test_default_fusions_fire_only_where_they_pay():
     out, records = Pipeline(fuse.DEFAULT_FUSIONS).run(cj, PassContext(platform="gpu"))
     hits = {k for r in records for k in r.stats.hits}
     assert hits == {"fuse.attention.causal"}
-    # On CPU the default pipeline leaves attention alone (no gain there) and says so.
+    # On CPU attention this short is XLA's own computation already: left alone.
     out, records = Pipeline(fuse.DEFAULT_FUSIONS).run(cj, PassContext(platform="cpu"))
     assert not {k for r in records for k in r.stats.hits}
-    assert any("left attention unfused on cpu" in n for r in records for n in r.stats.notes)

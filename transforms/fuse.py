@@ -3,7 +3,10 @@
 Passes (names for ``graphopt.optimize(passes=[...])``; ``"fuse"`` runs them all):
 
 - ``fuse_attention``: hand-written softmax(q·kᵀ)·v → ``jax.nn.dot_product_attention``
-  (cuDNN on GPU where dtype and head size allow, XLA elsewhere); see ``fuse_attention``.
+  (cuDNN on GPU where dtype and head size allow, XLA elsewhere, causal attention as a
+  block-causal kernel that skips masked score blocks); see ``fuse_attention``.
+  ``fuse_attention_auto`` (in the default pipeline) fires on GPU, and elsewhere only
+  where the block-causal kernel applies.
 - ``fuse_batchnorm``: conv/dense followed by inference batch norm → folded weights.
 - ``fuse_parallel_dots``: dots sharing an input → one dot on concatenated weights.
 - ``fuse_matmul_chain``: matmul chains → the cheapest association.
@@ -45,7 +48,7 @@ def _make_pass(name: str, rules, description: str) -> Pass:
     return register_pass(Pass(name, run, description, "fuse"))
 
 
-POST_AD_SENSITIVE = ("fuse_attention", "fuse_cross_entropy")
+POST_AD_SENSITIVE = ("fuse_attention", "fuse_attention_auto", "fuse_cross_entropy")
 
 fuse_attention_pass = _make_pass("fuse_attention", fuse_attention.RULES,
                                  "hand-written attention -> jax.nn.dot_product_attention")
@@ -62,20 +65,12 @@ user_rewrites_pass = _make_pass("user_rewrites", patterns.user_rules,
 
 
 
-def _attention_where_it_pays(cj, ctx: PassContext | None = None) -> PassResult:
-    # On CPU XLA's dot_product_attention is the same computation as the hand-written one
-    # (no speed or memory gain measured), so the default pipeline fuses on GPU only.
-    if ctx is None or ctx.platform != "gpu":
-        stats = Stats()
-        stats.note("fuse_attention_auto: left attention unfused on "
-                   f"{ctx.platform if ctx else 'cpu'} (no gain there); passes=['fuse_attention'] forces it")
-        return PassResult(cj, False, stats)
-    return fuse_attention_pass(cj, ctx)
-
-
-fuse_attention_auto_pass = register_pass(Pass(
-    "fuse_attention_auto", _attention_where_it_pays,
-    "fuse_attention on GPU only (the default pipeline's choice)", "fuse"))
+# On GPU the fused kernel (cuDNN, or XLA's attention) pays; elsewhere only the
+# block-causal kernel does: XLA's plain attention is the hand-written computation itself.
+fuse_attention_auto_pass = _make_pass(
+    "fuse_attention_auto", fuse_attention.RULES_WHERE_IT_PAYS,
+    "fuse_attention where it pays: GPU, or causal attention long enough for the "
+    "block-causal kernel (the default pipeline's choice)")
 
 FUSE_PASSES = ["fuse_attention", "fuse_batchnorm", "fuse_cross_entropy", "fuse_matmul_chain",
                "fuse_parallel_dots", "user_rewrites"]

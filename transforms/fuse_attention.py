@@ -11,6 +11,14 @@ reciprocal, or ``exp(log_softmax(s))``. Identity: all of these compute
 ``dot_product_attention`` computes (its XLA implementation with the same ops; on GPU the
 cuDNN kernel where dtype and head size allow, bringing its own backward).
 
+Causal attention without cuDNN or an extra mask (CPU; GPU where cuDNN does not apply)
+runs as
+:func:`block_causal_attention`: query blocks attend only to the keys at or before their
+last row, skipping the fully masked score blocks that XLA would compute and discard
+(with 4 blocks, 5/8 of the score FLOPs; measured 1.17× on the GPT loss + gradient on
+CPU). Identity: a masked score contributes exp(-big) = 0 to its row's softmax, so
+dropping it changes no sum.
+
 Must not fire: when the scores or probabilities are read elsewhere (the saved softmax
 of a jaxpr that already holds the backward pass: decorate the loss instead, the report
 says so), when the "mask" fill is not a large negative number (then it is not a mask),
@@ -256,9 +264,46 @@ def _to_canon4(x, s_rank, batch_pos, t_pos, s_pos):
     return x
 
 
+BLOCK_MIN = 64   # smallest query block worth a separate pair of dots
+MAX_BLOCKS = 4   # more blocks skip more, but small dots lose more to overhead (CPU)
+
+
+def n_causal_blocks(T: int, S: int) -> int:
+    """Query blocks for :func:`block_causal_attention` (0: run the plain kernel)."""
+    n = min(MAX_BLOCKS, T // BLOCK_MIN, S // BLOCK_MIN)
+    while n > 1 and T % n:
+        n -= 1
+    return n if n > 1 else 0
+
+
+def block_causal_attention(q, k, v, *, scale, n_blocks, bias=None):
+    """``dot_product_attention(..., is_causal=True)`` (query t sees keys <= t; q [B,T,N,H],
+    k/v [B,S,N,H], bias [B|1,N|1,T,S]) with the numerics of its XLA implementation
+    (float32 scores and softmax), query block i computed against keys [0, (i+1)*T/n) only.
+    No extra mask: a row it emptied would spread over all S keys there, here over fewer."""
+    T, S = q.shape[1], k.shape[1]
+    bs, outs = T // n_blocks, []
+    for i in range(n_blocks):
+        hi = min((i + 1) * bs, S)
+        s = jnp.einsum("BTNH,BSNH->BNTS", q[:, i * bs:(i + 1) * bs], k[:, :hi],
+                       preferred_element_type=jnp.float32) * scale
+        if bias is not None:
+            s = s + bias[:, :, i * bs:(i + 1) * bs, :hi].astype(jnp.float32)
+        keep = (lax.broadcasted_iota(jnp.int32, (bs, hi), 1)
+                <= lax.broadcasted_iota(jnp.int32, (bs, hi), 0) + i * bs)
+        s = jnp.where(keep, s, jnp.finfo(jnp.float32).min)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("BNTS,BSNH->BTNH", p, v[:, :hi]))
+    return jnp.concatenate(outs, axis=1)
+
+
 class AttentionRule(Rule):
-    def __init__(self):
+    """``only_where_it_pays``: off GPU, fire only where the block-causal kernel applies
+    (elsewhere XLA's attention is the very computation the hand-written one is)."""
+
+    def __init__(self, only_where_it_pays: bool = False):
         super().__init__("fuse.attention", roots=("dot_general",))
+        self.only_where_it_pays = only_where_it_pays
 
     def find(self, view: View, i: int) -> Match | None:
         root = view.eqns[i]
@@ -352,6 +397,10 @@ class AttentionRule(Rule):
         if (platform == "gpu" and q.aval.dtype in (jnp.bfloat16, jnp.float16) and H % 8 == 0
                 and H <= 128 and not masks and not acc.biases):
             impl = "cudnn"
+        nblk = (n_causal_blocks(s.aval.shape[t_pos], s.aval.shape[s_pos])
+                if causal and impl == "xla" and not masks else 0)
+        if self.only_where_it_pays and platform != "gpu" and not nblk:
+            return None
         out_var = root.outvars[0]
         # A transpose right after (heads back in place) joins the match: no round trip.
         if view.n_uses(out_var) == 1 and out_var not in view.outputs:
@@ -382,8 +431,11 @@ class AttentionRule(Rule):
             for b in bs:
                 b4 = _to_canon4(jnp.broadcast_to(b, s.aval.shape), s_rank, batch_pos, t_pos, s_pos)
                 bias = b4 if bias is None else bias + b4
-            o = jax.nn.dot_product_attention(qq, kk, vv, bias=bias, mask=mask, scale=scale,
-                                             is_causal=causal, implementation=impl)
+            if nblk:
+                o = block_causal_attention(qq, kk, vv, scale=scale, n_blocks=nblk, bias=bias)
+            else:
+                o = jax.nn.dot_product_attention(qq, kk, vv, bias=bias, mask=mask, scale=scale,
+                                                 is_causal=causal, implementation=impl)
             # o: [B, T, N, H]; drop the axes we added, then lay out like the original.
             keep_axes = ([0] if nb >= 1 else []) + [1] + ([2] if nb >= 2 else []) + [3]
             o = jnp.reshape(o, [o.shape[a] for a in keep_axes])
@@ -400,5 +452,7 @@ class AttentionRule(Rule):
 
 
 RULES = [AttentionRule()]
+RULES_WHERE_IT_PAYS = [AttentionRule(only_where_it_pays=True)]
 
-__all__ = ["AttentionRule", "RULES", "softmax_input", "POST_AD_HINT"]
+__all__ = ["AttentionRule", "RULES", "RULES_WHERE_IT_PAYS", "softmax_input", "POST_AD_HINT", "block_causal_attention",
+           "n_causal_blocks"]

@@ -9,6 +9,13 @@ recomputation. Which values AD would save is estimated (inputs of non-linear
 primitives); the choice is then checked against XLA's temp memory of the
 differentiated program.
 
+Scanned layers (``lax.scan``, one equation here) are handled first: their body is
+wrapped in ``jax.checkpoint`` with a policy, so AD's scan saves per iteration only what
+the policy keeps (:func:`checkpoint_scans`). Levels from least to most recomputation:
+``dots_saveable``, ``dots_with_no_batch_dims_saveable``, ``nothing_saveable`` (carries
+only); the cheapest level whose measured memory meets the budget wins, else the deepest
+one and the segment solver continues on the rest of the function.
+
 Must not: wrap equations that are random, effectful or unknown (their chunk runs as
 is), or change the function's outputs or gradients.
 """
@@ -150,6 +157,49 @@ def apply_pre_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats | None = No
     return ir.trace_flat(run, cj.in_avals)
 
 
+# Scan-body checkpoint levels, least recomputation first.
+SCAN_LEVELS = (
+    ("dots_saveable", jax.checkpoint_policies.dots_saveable),
+    ("dots_with_no_batch_dims_saveable", jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+    ("nothing_saveable", jax.checkpoint_policies.nothing_saveable),
+)
+_DOTS = frozenset({"dot_general", "conv_general_dilated"})
+
+
+def _checkpointable_scan(e) -> bool:
+    # A body the user already checkpointed keeps the user's policy.
+    return (e.primitive.name == "scan" and recomputable(e)
+            and not any(ir.is_checkpoint(b) for b in e.params["jaxpr"].jaxpr.eqns))
+
+
+def _saved_by(e, level: str) -> bool:
+    """Whether the policy of ``level`` saves ``e``'s output (mirrors jax.checkpoint_policies)."""
+    if level == "dots_saveable":
+        return e.primitive.name in _DOTS
+    if level == "dots_with_no_batch_dims_saveable" and e.primitive.name == "dot_general":
+        (_, _), (lb, rb) = e.params["dimension_numbers"]
+        return not lb and not rb
+    return False
+
+
+def checkpoint_scans(cj: ir.ClosedJaxpr, level: str):
+    """(``cj`` with each top-level pure scan's body under ``jax.checkpoint`` with the
+    policy of ``level``, FLOPs the backward recomputes, number of scans rewritten)."""
+    policy = dict((n, p) for n, p in SCAN_LEVELS)[level]
+    eqns, flops, n = list(cj.jaxpr.eqns), 0.0, 0
+    for i, e in enumerate(eqns):
+        if not _checkpointable_scan(e):
+            continue
+        body = e.params["jaxpr"]
+        # prevent_cse=False: the backward scan body is another loop, XLA cannot merge it.
+        f = jax.checkpoint(ir.jaxpr_as_fun(body), policy=policy, prevent_cse=False)
+        eqns[i] = ir.map_subjaxprs(e, lambda sub, is_open, f=f: ir.trace_flat(f, sub.in_avals))
+        flops += e.params["length"] * sum(analysis.eqn_cost(b).flops for b in body.jaxpr.eqns
+                                          if not _saved_by(b, level))
+        n += 1
+    return ir.closed(ir.make_jaxpr_from(cj.jaxpr, eqns=eqns), cj.consts), flops, n
+
+
 def grad_program(cj: ir.ClosedJaxpr):
     """The differentiated program AD builds from ``cj``: d(sum of float outputs)/d(float inputs)."""
     fin = [i for i, a in enumerate(cj.in_avals) if _is_float(a)]
@@ -231,16 +281,35 @@ def remat_jaxpr_pre_ad(cj, memory_budget, solver="auto", max_cuts=128, time_limi
                    f"temp {analysis.fmt_bytes(base)} of the differentiated program: no-op")
         info.update(bytes=base, flops=0.0, solver=None)
         return cj, info
+    seg_base, scan_flops = base, 0.0
+    if any(_checkpointable_scan(e) for e in cj.jaxpr.eqns):
+        info["scan_levels"] = []
+        for name, _ in SCAN_LEVELS:   # least recomputation first
+            cand, fl, n = checkpoint_scans(cj, name)
+            mem = grad_temp(cand)
+            info["scan_levels"].append((name, mem, fl))
+            stats.note(f"remat: {n} scan bodies under jax.checkpoint({name}): "
+                       f"{analysis.fmt_bytes(mem)}, recomputes {analysis.fmt_flops(fl)}")
+            if mem <= budget_bytes * (1 + tolerance):
+                stats.hit("remat.scan_checkpointed", n)
+                info.update(bytes=mem, flops=fl, solver=f"scan-checkpoint ({name})",
+                            seconds=0.0, segments=0)
+                return cand, info
+        stats.hit("remat.scan_checkpointed", n)  # the deepest level; segments do the rest
+        cj, seg_base, scan_flops = cand, mem, fl
     plan = build_plan(cj, None, residuals=ad_residuals(cj.jaxpr), max_cuts=max_cuts)
     if not plan.segments:
+        if seg_base < base:
+            from .remat import BudgetError, _infeasible_msg
+            raise BudgetError(_infeasible_msg(budget_bytes, seg_base, base))
         stats.note("remat: nothing recomputable; no-op")
         info.update(bytes=base, flops=0.0, solver=None)
         return cj, info
     prog, sol, mem = choose(plan, lambda r: apply_pre_ad(cj, plan, r), grad_temp, budget_bytes,
-                            base, solver=solver, time_limit=time_limit, tolerance=tolerance,
-                            stats=stats)
-    info.update(bytes=mem, flops=sol.flops, solver=sol.solver, seconds=sol.seconds,
-                segments=sum(sol.remat))
+                            seg_base, solver=solver, time_limit=time_limit,
+                            tolerance=tolerance, stats=stats)
+    info.update(bytes=mem, flops=sol.flops + scan_flops, solver=sol.solver,
+                seconds=sol.seconds, segments=sum(sol.remat))
     return prog, info
 
 
