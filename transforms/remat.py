@@ -6,7 +6,10 @@ What it rewrites:
   schedule rewrite. The forward is cut into segments (:mod:`.remat_plan`); for each
   segment the solver (:mod:`.remat_solvers`) picks, the values the backward reads are
   recomputed from the segment's live-ins right before their first backward use, and the
-  backward reads the recomputed copies, so the forward copies die early. Layers under
+  backward reads the recomputed copies, so the forward copies die early. Values that stay
+  live anyway (another chosen segment's live-ins, e.g. a residual block's output) are
+  not recomputed, so each recomputation waits for its own block's backward
+  (``remat_skip_kept``; "auto" measures it like the fence variants). Layers under
   ``lax.scan`` go first (:mod:`.remat_scan`): the forward scan stops emitting stacked
   residuals and the backward scan body recomputes them per iteration.
 - **pre-AD** (a model or loss that ``jax.grad`` will differentiate, via
@@ -47,7 +50,7 @@ from graphopt.interpreter import Stats
 from graphopt.passes import Pass, PassContext, PassResult, register_pass
 
 from . import remat_plan, remat_scan
-from .remat_plan import Plan, backward_start, build_plan
+from .remat_plan import Plan, backward_start, build_plan, recomputed_segments
 from .remat_solvers import solve, solve_greedy
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
@@ -165,16 +168,20 @@ def _frontier(eqns, a: int, b: int) -> list:
 
 
 def apply_post_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats,
-                  order_backward: bool = True, narrow: bool = True) -> ir.ClosedJaxpr:
-    """``cj`` with the chosen segments' residuals recomputed (fenced) before first use."""
+                  order_backward: bool = True, narrow: bool = True,
+                  skip_kept: bool = True) -> ir.ClosedJaxpr:
+    """``cj`` with the chosen segments' residuals recomputed (fenced) before first use.
+
+    ``skip_kept``: leave out the outputs that stay live anyway (:func:`recomputed_segments`).
+    """
     jaxpr = cj.jaxpr
     eqns = jaxpr.eqns
     B = plan.bwd_start
     produced_bwd = {v for e in eqns[B:] for v in e.outvars if ir.is_var(v)}
     at: dict[int, list] = {}
-    for seg, r in zip(plan.segments, remat):
-        if not r:
-            continue
+    segs = (recomputed_segments(jaxpr, plan, remat) if skip_kept else
+            [s for s, r in zip(plan.segments, remat) if r])
+    for seg in segs:
         outs = set(seg.outputs)
         u = min(i for i in range(B, len(eqns)) if any(a in outs for a in eqns[i].invars
                                                       if ir.is_var(a)))
@@ -414,8 +421,8 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
                                                      budget_bytes, stats=stats)
             k, _, fl = splan.levels[idx]
             remat_scan.apply_scans(inner, splan, k, stats)  # the notes and hits of the choice
-            return _done(cj, prog, stats, f"solver scan-greedy ({k}/{k_all} stacked residuals "
-                         "recomputed in the backward scan)", base, mem, budget_bytes, fl)
+            return _done(cj, prog, stats, f"solver scan-greedy ({remat_scan.level_desc(splan, k)})",
+                         base, mem, budget_bytes, fl)
         inner = remat_scan.apply_scans(inner, splan, k_all, stats)
         seg_base, scan_flops = m_all, splan.levels[-1][2]
     plan = build_plan(inner, backward_start(inner.jaxpr), max_cuts=ctx.option("remat_max_cuts", 128))
@@ -433,31 +440,37 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
     if narrow not in ("auto", True, False):
         raise ValueError(f"remat: remat_narrow_fence must be 'auto', True or False, got {narrow!r}")
 
-    def build(remat, order_backward=None, narrow_fence=None):
+    skip = ctx.option("remat_skip_kept", "auto")
+    if skip not in ("auto", True, False):
+        raise ValueError(f"remat: remat_skip_kept must be 'auto', True or False, got {skip!r}")
+
+    def build(remat, order_backward=None, narrow_fence=None, skip_kept=None):
         ob = order if order_backward is None else order_backward
         nf = narrow if narrow_fence is None else narrow_fence
+        sk = skip if skip_kept is None else skip_kept
         return wrap(apply_post_ad(inner, plan, remat, Stats(), order_backward=ob,
-                                  narrow=nf is not False))
+                                  narrow=nf is not False, skip_kept=sk is not False))
 
-    # The least-memory plan, measured once: it fixes the fence ordering that XLA keeps
-    # best (auto) and the smallest feasible budget, so infeasible budgets fail fast.
+    # The least-memory plan, measured once per rewrite variant: it fixes the variant XLA
+    # keeps best (auto) and the smallest feasible budget, so infeasible budgets fail fast.
+    # Each variant helps some models and costs on others (deep MLP: 8.5 MiB with kept
+    # values skipped, no ordering, whole segments; GPT: 7.5 MiB with ordering, fused
+    # tail, kept values recomputed), through XLA's scheduling and layout copies.
     least = solve_greedy(plan, 0)
-    floors = {ob: measure(build(least.remat, ob, True if narrow == "auto" else narrow))
-              for ob in ((True, False) if order == "auto" else (order,))}
-    order = min(floors, key=lambda ob: (floors[ob], not ob))
-    floor = floors[order]
-    if narrow == "auto":
-        # the fused tail helps where residuals are cheap elementwise values XLA would fuse
-        # (CNN, GPT), and can cost where the segment's core outputs are many (deep MLP)
-        wide = measure(build(least.remat, order, False))
-        narrow = wide >= floor
-        stats.note(f"remat: least-memory plan with the fusible tail outside the fence: "
-                   f"{analysis.fmt_bytes(floor)}, whole segment inside: "
-                   f"{analysis.fmt_bytes(wide)}")
-        floor = min(floor, wide)
-    stats.note(f"remat: least-memory plan measures {analysis.fmt_bytes(floor)} "
-               + (f"(backward ordered at fences: {analysis.fmt_bytes(floors[True])}, not "
-                  f"ordered: {analysis.fmt_bytes(floors[False])})" if len(floors) == 2 else ""))
+    n_out = sum(len(s.outputs) for s, r in zip(plan.segments, least.remat) if r)
+    if skip == "auto" and sum(len(s.outputs) for s in
+                              recomputed_segments(inner.jaxpr, plan, least.remat)) == n_out:
+        skip = True  # nothing to skip: both ways are the same program
+    floors = {(ob, nf, sk): measure(build(least.remat, ob, nf, sk))
+              for ob in ((True, False) if order == "auto" else (order,))
+              for nf in ((True, False) if narrow == "auto" else (narrow,))
+              for sk in ((True, False) if skip == "auto" else (skip,))}
+    order, narrow, skip = min(floors, key=lambda k: (floors[k], *(not x for x in k)))
+    floor = floors[order, narrow, skip]
+    stats.note("remat: least-memory plan measures (backward ordered at fences / fusible "
+               "tail outside the fence / kept values not recomputed) " + ", ".join(
+                   "/".join("on" if x else "off" for x in k) + f" {analysis.fmt_bytes(m)}"
+                   for k, m in floors.items()) + f"; kept {analysis.fmt_bytes(floor)}")
     if floor > budget_bytes * 1.05:
         # The byte model ignores XLA's fusion: a chosen segment can cost more than it
         # saves (CNN: 18 MiB with all three, 16 MiB without the stage-1 ones). Drop
@@ -475,7 +488,7 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
         if floor > budget_bytes * 1.05:
             raise BudgetError(_infeasible_msg(budget_bytes, min(floor, seg_base), base))
         prog = wrap(apply_post_ad(inner, plan, cur, stats, order_backward=order,
-                                  narrow=narrow))
+                                  narrow=narrow, skip_kept=skip))
         return _done(cj, prog, stats, "solver greedy+measured refinement", base, floor,
                      budget_bytes, plan.flops(cur) + scan_flops)
 
@@ -487,7 +500,7 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
     if not any(sol.remat) and seg_base == base:
         return PassResult(cj, False, stats)
     prog = wrap(apply_post_ad(inner, plan, sol.remat, stats, order_backward=order,
-                              narrow=narrow))
+                              narrow=narrow, skip_kept=skip))
     return _done(cj, prog, stats, f"solver {sol.solver} ({sol.seconds * 1e3:.1f} ms)", base,
                  mem, budget_bytes, sol.flops + scan_flops)
 
