@@ -490,7 +490,7 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
         prog = wrap(apply_post_ad(inner, plan, cur, stats, order_backward=order,
                                   narrow=narrow, skip_kept=skip))
         return _done(cj, prog, stats, "solver greedy+measured refinement", base, floor,
-                     budget_bytes, plan.flops(cur) + scan_flops)
+                     budget_bytes, _flops(inner, plan, cur, skip) + scan_flops)
 
     prog, sol, mem = choose(plan, build, measure, budget_bytes, seg_base,
                             solver=ctx.option("remat_solver", "auto"),
@@ -502,7 +502,14 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
     prog = wrap(apply_post_ad(inner, plan, sol.remat, stats, order_backward=order,
                               narrow=narrow, skip_kept=skip))
     return _done(cj, prog, stats, f"solver {sol.solver} ({sol.seconds * 1e3:.1f} ms)", base,
-                 mem, budget_bytes, sol.flops + scan_flops)
+                 mem, budget_bytes, _flops(inner, plan, sol.remat, skip) + scan_flops)
+
+
+def _flops(cj, plan, remat, skip_kept) -> float:
+    """FLOPs the rewrite really recomputes (outputs kept anyway are not recomputed)."""
+    if not skip_kept:
+        return plan.flops(remat)
+    return float(sum(s.flops for s in recomputed_segments(cj.jaxpr, plan, remat)))
 
 
 def _done(cj, prog, stats, how, base, mem, budget_bytes, flops):
