@@ -189,3 +189,5 @@ def test_block_causal_matches_dot_product_attention_with_bias():
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     assert n_causal_blocks(256, 256) == 4 and n_causal_blocks(128, 128) == 2
     assert n_causal_blocks(64, 64) == 0 and n_causal_blocks(256, 32) == 0  # too short
+    with pytest.raises(ValueError, match="n_blocks=3 must divide the query length 8"):
+        block_causal_attention(q, k, v, scale=0.5, n_blocks=3)

@@ -216,6 +216,7 @@ def test_default_fusions_fire_only_where_they_pay():
     out, records = Pipeline(fuse.DEFAULT_FUSIONS).run(cj, PassContext(platform="gpu"))
     hits = {k for r in records for k in r.stats.hits}
     assert hits == {"fuse.attention.causal"}
-    # On CPU attention this short is XLA's own computation already: left alone.
+    # On CPU attention this short is XLA's own computation already: left alone, and said.
     out, records = Pipeline(fuse.DEFAULT_FUSIONS).run(cj, PassContext(platform="cpu"))
     assert not {k for r in records for k in r.stats.hits}
+    assert any("left as written on cpu" in n for r in records for n in r.stats.notes)

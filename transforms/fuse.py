@@ -29,7 +29,8 @@ from graphopt.passes import Pass, PassContext, PassResult, register_group, regis
 from . import fuse_attention, fuse_batchnorm, fuse_dots, fuse_xent
 
 
-def _make_pass(name: str, rules, description: str) -> Pass:
+def _runner(name: str, rules):
+    """The pass function applying ``rules`` (a list, or a function returning one)."""
     def run(cj, ctx: PassContext | None = None) -> PassResult:
         stats = Stats()
         if ctx is not None and ctx.option(name, True) is False:
@@ -45,7 +46,11 @@ def _make_pass(name: str, rules, description: str) -> Pass:
                        "one, " + fuse_attention.POST_AD_HINT)
         return PassResult(out, out is not cj, stats)
     run.__name__ = name
-    return register_pass(Pass(name, run, description, "fuse"))
+    return run
+
+
+def _make_pass(name: str, rules, description: str) -> Pass:
+    return register_pass(Pass(name, _runner(name, rules), description, "fuse"))
 
 
 POST_AD_SENSITIVE = ("fuse_attention", "fuse_attention_auto", "fuse_cross_entropy")
@@ -64,13 +69,31 @@ user_rewrites_pass = _make_pass("user_rewrites", patterns.user_rules,
                                 "rules registered with graphopt.rewrite")
 
 
-
 # On GPU the fused kernel (cuDNN, or XLA's attention) pays; elsewhere only the
 # block-causal kernel does: XLA's plain attention is the hand-written computation itself.
-fuse_attention_auto_pass = _make_pass(
-    "fuse_attention_auto", fuse_attention.RULES_WHERE_IT_PAYS,
+_auto_run = _runner("fuse_attention_auto", fuse_attention.RULES_WHERE_IT_PAYS)
+
+
+def _attention_where_it_pays(cj, ctx: PassContext | None = None) -> PassResult:
+    res = _auto_run(cj, ctx)
+    if (not res.changed and ctx is not None and ctx.platform != "gpu"
+            and ctx.option("fuse_attention_auto", True) is not False):
+        probe = Stats()  # what the forced pass would fuse: say why it stays as written
+        patterns.apply_rules(cj, fuse_attention.RULES, probe, ctx)
+        n = sum(probe.hits.values())
+        if n:
+            res.stats.note(f"fuse_attention_auto: {n} attention(s) left as written on "
+                           f"{ctx.platform}: not causal, masked, or shorter than "
+                           f"{2 * fuse_attention.BLOCK_MIN} for the block-causal kernel, and "
+                           "XLA's attention is the same computation there; "
+                           "passes=['fuse_attention'] forces it")
+    return res
+
+
+fuse_attention_auto_pass = register_pass(Pass(
+    "fuse_attention_auto", _attention_where_it_pays,
     "fuse_attention where it pays: GPU, or causal attention long enough for the "
-    "block-causal kernel (the default pipeline's choice)")
+    "block-causal kernel (the default pipeline's choice)", "fuse"))
 
 FUSE_PASSES = ["fuse_attention", "fuse_batchnorm", "fuse_cross_entropy", "fuse_matmul_chain",
                "fuse_parallel_dots", "user_rewrites"]

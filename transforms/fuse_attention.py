@@ -15,8 +15,8 @@ Causal attention without cuDNN or an extra mask (CPU; GPU where cuDNN does not a
 runs as
 :func:`block_causal_attention`: query blocks attend only to the keys at or before their
 last row, skipping the fully masked score blocks that XLA would compute and discard
-(with 4 blocks, 5/8 of the score FLOPs; measured 1.17× on the GPT loss + gradient on
-CPU). Identity: a masked score contributes exp(-big) = 0 to its row's softmax, so
+(with 4 blocks it computes 5/8 of the score FLOPs; measured 1.17× on the GPT loss +
+gradient on CPU). Identity: a masked score contributes exp(-big) = 0 to its row's softmax, so
 dropping it changes no sum.
 
 Must not fire: when the scores or probabilities are read elsewhere (the saved softmax
@@ -279,19 +279,23 @@ def n_causal_blocks(T: int, S: int) -> int:
 def block_causal_attention(q, k, v, *, scale, n_blocks, bias=None):
     """``dot_product_attention(..., is_causal=True)`` (query t sees keys <= t; q [B,T,N,H],
     k/v [B,S,N,H], bias [B|1,N|1,T,S]) with the numerics of its XLA implementation
-    (float32 scores and softmax), query block i computed against keys [0, (i+1)*T/n) only.
+    (scores and softmax in at least float32), query block i against keys [0, (i+1)*T/n) only.
     No extra mask: a row it emptied would spread over all S keys there, here over fewer."""
     T, S = q.shape[1], k.shape[1]
+    if n_blocks < 1 or T % n_blocks:
+        raise ValueError(f"block_causal_attention: n_blocks={n_blocks} must divide the "
+                         f"query length {T}")
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # as dot_product_attention's XLA path
     bs, outs = T // n_blocks, []
     for i in range(n_blocks):
         hi = min((i + 1) * bs, S)
         s = jnp.einsum("BTNH,BSNH->BNTS", q[:, i * bs:(i + 1) * bs], k[:, :hi],
-                       preferred_element_type=jnp.float32) * scale
+                       preferred_element_type=acc) * scale
         if bias is not None:
-            s = s + bias[:, :, i * bs:(i + 1) * bs, :hi].astype(jnp.float32)
+            s = s + bias[:, :, i * bs:(i + 1) * bs, :hi].astype(acc)
         keep = (lax.broadcasted_iota(jnp.int32, (bs, hi), 1)
                 <= lax.broadcasted_iota(jnp.int32, (bs, hi), 0) + i * bs)
-        s = jnp.where(keep, s, jnp.finfo(jnp.float32).min)
+        s = jnp.where(keep, s, jnp.finfo(acc).min)
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         outs.append(jnp.einsum("BNTS,BSNH->BTNH", p, v[:, :hi]))
     return jnp.concatenate(outs, axis=1)

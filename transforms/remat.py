@@ -414,8 +414,8 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
         m_all = measure(build_scan(k_all))
         stats.note(f"remat: {len(splan.pairs)} forward/backward scan pair(s), "
                    f"{len(splan.order)} stacked residuals "
-                   f"({analysis.fmt_bytes(splan.residual_bytes)}); all recomputed per "
-                   f"iteration: {analysis.fmt_bytes(m_all)}")
+                   f"({analysis.fmt_bytes(splan.residual_bytes)}); deepest level "
+                   f"({remat_scan.level_desc(splan, k_all)}): {analysis.fmt_bytes(m_all)}")
         if m_all <= budget_bytes * 1.05:
             idx, prog, mem = remat_scan.choose_level(splan, build_scan, measure, base, m_all,
                                                      budget_bytes, stats=stats)
@@ -423,8 +423,14 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
             remat_scan.apply_scans(inner, splan, k, stats)  # the notes and hits of the choice
             return _done(cj, prog, stats, f"solver scan-greedy ({remat_scan.level_desc(splan, k)})",
                          base, mem, budget_bytes, fl)
+        if k_all != splan.base_k:  # chunking is chosen by the byte model: check XLA agrees
+            m_base = measure(build_scan(splan.base_k))
+            if m_base <= m_all:
+                stats.note(f"remat: chunked carries measure {analysis.fmt_bytes(m_all)}, no "
+                           f"better than without ({analysis.fmt_bytes(m_base)}): not chunked")
+                k_all, m_all = splan.base_k, m_base
         inner = remat_scan.apply_scans(inner, splan, k_all, stats)
-        seg_base, scan_flops = m_all, splan.levels[-1][2]
+        seg_base, scan_flops = m_all, next(fl for k, _, fl in splan.levels if k == k_all)
     plan = build_plan(inner, backward_start(inner.jaxpr), max_cuts=ctx.option("remat_max_cuts", 128))
     if not plan.segments:
         if seg_base < base:  # the scan rewrite is all there is

@@ -57,6 +57,7 @@ class Segment:
     flops: float                  # FLOPs of one recomputation
     out_bytes: int
     pieces: tuple = (0, 0)        # the run of pieces [i, j) between cuts it covers
+    keeps_dots: bool = False      # dot/conv outputs persist; only the rest is recomputed
 
     @property
     def name(self) -> str:
@@ -219,14 +220,20 @@ def recomputed_segments(jaxpr, plan: Plan, remat) -> list:
     return out
 
 
+# Primitives a dots-kept segment never recomputes (like jax.checkpoint's dots_saveable).
+DOTS = frozenset({"dot_general", "conv_general_dilated"})
+
+
 def build_plan(cj, bwd_start: int | None = None, residuals=None, max_cuts: int = 128,
-               max_span: int = 8) -> Plan:
+               max_span: int = 8, dots_kept_span: int = 8) -> Plan:
     """Segments of the forward ``eqns[:bwd_start]`` of ``cj``'s top-level jaxpr.
 
     ``residuals``: the vars the backward reads; by default every forward var read at or
     after ``bwd_start`` (post-AD). Program outputs are never residuals (they live to the
     end anyway). Segments are runs of 1..``max_span`` consecutive pieces between cuts;
-    a solver picks non-overlapping ones.
+    a solver picks non-overlapping ones. Runs of up to ``dots_kept_span`` pieces also get
+    a *dots-kept* variant: their dot/conv outputs persist and only the cheap rest is
+    recomputed (bytes for almost no FLOPs, what ``dots_saveable`` does by hand).
     """
     jaxpr = cj.jaxpr if isinstance(cj, ir.ClosedJaxpr) else cj
     eqns = jaxpr.eqns
@@ -252,16 +259,24 @@ def build_plan(cj, bwd_start: int | None = None, residuals=None, max_cuts: int =
     flops = [analysis.eqn_cost(eqns[i]).flops if can[i] else 0.0 for i in range(n_fwd)]
     segments = []
     n_pieces = len(bounds) - 1
+    cheap = [c and eqns[i].primitive.name not in DOTS for i, c in enumerate(can)]
     for pi in range(n_pieces):
         for pj in range(pi + 1, min(n_pieces, pi + max_span) + 1):
             seg = _segment(eqns, bounds[pi], bounds[pj], residuals, producer, can, flops, nbytes)
-            if seg is not None:
-                seg.pieces = (pi, pj)
-                segments.append(seg)
+            if seg is None:
+                continue
+            seg.pieces = (pi, pj)
+            segments.append(seg)
+            if pj - pi <= dots_kept_span:
+                alt = _segment(eqns, bounds[pi], bounds[pj], residuals, producer, cheap, flops,
+                               nbytes)
+                if alt is not None and alt.eqns != seg.eqns:
+                    alt.pieces, alt.keeps_dots = (pi, pj), True
+                    segments.append(alt)
     res_bytes = int(sum(nbytes[v] for v in residuals))
     return Plan(n_fwd, n_fwd if bwd_start is None else bwd_start, cuts, segments, pinned,
                 nbytes, res_bytes, n_pieces)
 
 
-__all__ = ["Plan", "Segment", "build_plan", "candidate_cuts", "backward_start", "recomputable",
+__all__ = ["Plan", "Segment", "DOTS", "build_plan", "candidate_cuts", "backward_start", "recomputable",
            "recomputed_segments", "NO_RECOMPUTE"]

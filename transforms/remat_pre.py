@@ -295,8 +295,13 @@ def remat_jaxpr_pre_ad(cj, memory_budget, solver="auto", max_cuts=128, time_limi
                 info.update(bytes=mem, flops=fl, solver=f"scan-checkpoint ({name})",
                             seconds=0.0, segments=0)
                 return cand, info
-        stats.hit("remat.scan_checkpointed", n)  # the deepest level; segments do the rest
-        cj, seg_base, scan_flops = cand, mem, fl
+        # none meets the budget: the segments continue from the level with the least
+        # memory, if it beats no checkpoint at all
+        name, mem, fl = min(info["scan_levels"], key=lambda t: t[1])
+        if mem < base:
+            cj, n = checkpoint_scans(cj, name)[::2]
+            stats.hit("remat.scan_checkpointed", n)
+            seg_base, scan_flops = mem, fl
     plan = build_plan(cj, None, residuals=ad_residuals(cj.jaxpr), max_cuts=max_cuts)
     if not plan.segments:
         if seg_base < base:

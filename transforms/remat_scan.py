@@ -91,7 +91,8 @@ class ScanPlan:
     pairs: list
     order: list         # (pair index, residual index), most bytes per FLOP first
     levels: list        # (k, model bytes saved, FLOPs recomputed) for useful prefixes k;
-    #                     k > len(order): all of levels' last prefix plus chunking
+    #                     k > len(order): the base_k prefix, plus the first
+    #                     k - len(order) chunkings
     chunks: list = dataclasses.field(default_factory=list)  # Chunking, best first
     base_k: int = 0     # residual prefix the chunked levels build on
     notes: list = dataclasses.field(default_factory=list)   # pairs left unchunked, why
@@ -279,20 +280,23 @@ def _plan_chunks(jaxpr, plan: ScanPlan) -> None:
 def _regen_body(fb, nc: int, nk: int, need: list):
     """F's body cut down to regenerate the carries ``need`` step by step: (carry indices
     it threads, jaxpr [used consts, those carries, used xs] -> [their next values, the
-    ``need`` carry inputs], used const indices, used xs indices), or None."""
+    ``need`` carry inputs], used const indices, used xs indices), or why it cannot."""
     carries = list(fb.invars[nc:nc + nk])
     S = set(need)
     while True:  # the carries those need depend on, to a fixed point
         j = _dce_body(ir.make_jaxpr_from(
-            fb, outvars=[fb.outvars[s] for s in sorted(S)] + [carries[n] for n in need]))
+            fb, outvars=[fb.outvars[s] for s in sorted(S)] + [carries[n] for n in need]),
+            keep_impure=False)  # dropout beside the carry path does not block it
         used = {a for e in j.eqns for a in e.invars if ir.is_var(a)}
         used |= {v for v in j.outvars if ir.is_var(v)}
         S2 = S | {s for s in range(nk) if carries[s] in used}
         if S2 == S:
             break
         S = S2
-    if not all(recomputable(e) for e in j.eqns):
-        return None
+    bad = next((e for e in j.eqns if not recomputable(e)), None)
+    if bad is not None:
+        return (f"regenerating them would recompute {bad.primitive.name} (random, "
+                "effectful, unknown or not worth recomputing)")
     S = sorted(S)
     ci = [i for i in range(nc) if fb.invars[i] in used]
     xi = [i for i in range(len(fb.invars) - nc - nk) if fb.invars[nc + nk + i] in used]
@@ -335,8 +339,8 @@ def _chunking(f, b, bi: int, users: dict, outs: set, L: int):
         return "B reads no stacked carry"
     need = list(dict.fromkeys(j for _, j in stacks))
     got = _regen_body(fb, nc, nk, need)
-    if got is None:
-        return "regenerating them would recompute a random or effectful equation"
+    if isinstance(got, str):
+        return got
     S, regen, _, xi = got
     bn = sum(ir.aval_nbytes(carries[j].aval) for j in need)
     bs = sum(ir.aval_nbytes(carries[j].aval) for j in S)
@@ -358,12 +362,13 @@ def _stacked(aval, length):
     return aval.update(shape=(length,) + tuple(aval.shape))
 
 
-def _dce_body(body):
-    """``body`` without equations nothing reads (effectful ones stay); same interface."""
+def _dce_body(body, keep_impure: bool = True):
+    """``body`` without equations nothing reads (effectful and random ones stay unless
+    ``keep_impure`` is False: a slice that only recomputes); same interface."""
     need = {v for v in body.outvars if ir.is_var(v)}
     kept = []
     for e in reversed(body.eqns):
-        if ir.impure(e) or any(ir.is_var(v) and v in need for v in e.outvars):
+        if (keep_impure and ir.impure(e)) or any(ir.is_var(v) and v in need for v in e.outvars):
             kept.append(e)
             need.update(a for a in e.invars if ir.is_var(a))
     kept.reverse()
@@ -505,6 +510,8 @@ def _chunk_pair(f, b, ch: Chunking, L: int):
     fb = fcj.jaxpr
     c, n = ch.size, L // ch.size
     frev, brev = bool(f.params["reverse"]), bool(b.params["reverse"])
+    # the user's unroll applies to the steps, which now run in the inner scans
+    funroll, bunroll = f.params.get("unroll", 1), b.params.get("unroll", 1)
     stack_y = {y for y, _ in ch.stacks}
     keep_y = [y for y in range(len(f.outvars) - nk) if y not in stack_y]
     f_body = _dce_body(ir.make_jaxpr_from(
@@ -524,7 +531,8 @@ def _chunk_pair(f, b, ch: Chunking, L: int):
         consts, carry, xs = a[:nc], list(a[nc:nc + nk]), [chunked(x) for x in a[nc + nk:]]
 
         def outer(cr, xc):
-            cr2, ys = lax.scan(_scan_fn(f_fun, consts, nk), cr, xc, length=c, reverse=frev)
+            cr2, ys = lax.scan(_scan_fn(f_fun, consts, nk), cr, xc, length=c, reverse=frev,
+                               unroll=funroll)
             return cr2, ([cr[s] for s in S], ys)
         cr, (cks, ys) = lax.scan(outer, carry, xs, length=n, reverse=frev)
         return [*cr, *map(joined, ys), *cks]
@@ -545,10 +553,11 @@ def _chunk_pair(f, b, ch: Chunking, L: int):
             with jax.named_scope("remat"):  # marks the recomputation (scan_rematerialized)
                 _, regen_ys = lax.scan(_scan_fn(regen_fun, fconsts, len(S)), list(ck),
                                        [got[f.invars[nc + nk + i]] for i in xi],
-                                       length=c, reverse=frev)
+                                       length=c, reverse=frev, unroll=funroll)
             bx = [regen_ys[need.index(bpos[p][1])] if p in bpos else got[b.invars[p]]
                   for p in range(bnc + bnk, len(b.invars))]
-            return lax.scan(_scan_fn(b_fun, bconsts, bnk), cr, bx, length=c, reverse=brev)
+            return lax.scan(_scan_fn(b_fun, bconsts, bnk), cr, bx, length=c, reverse=brev,
+                            unroll=bunroll)
         cr, ys = lax.scan(outer, bcarry, (list(cks), [chunked(x) for x in xs]),
                           length=n, reverse=brev)
         return [*cr, *map(joined, ys)]
@@ -652,7 +661,7 @@ def choose_level(plan: ScanPlan, build, measure, base: int, floor: int, budget_b
             meas[idx] = (prog, measure(prog))
             pbar.update()
             if stats is not None:
-                stats.note(f"remat: scan level {lv[idx][0]}/{lv[-1][0]} residuals dropped: "
+                stats.note(f"remat: scan level {level_desc(plan, lv[idx][0])}: "
                            f"measured {analysis.fmt_bytes(meas[idx][1])}")
             if meas[idx][1] <= budget_bytes:
                 hi = idx

@@ -128,12 +128,7 @@ def _greedy_capped(plan: Plan, target: int, cap: int) -> list:
         for p in range(*segs[best].pieces):
             owner[p] = best
         chosen_t = max(segs[i].out_bytes for i in range(n) if remat[i])
-    for i in sorted(range(n), key=lambda i: -segs[i].flops):  # give back what is not needed
-        if remat[i]:
-            remat[i] = False
-            if plan.model_bytes(remat) > target:
-                remat[i] = True
-    return remat
+    return _give_back(plan, remat, target)
 
 
 class _Chain:

@@ -170,6 +170,33 @@ def test_toy_scan_carries_chunked_and_xla_temp_drops():
     assert remat.xla_temp(new) < 0.8 * remat.xla_temp(deep)
 
 
+def _dropout_loss(params, xs, keys, reverse=False, unroll=1):
+    """An RNN with dropout on its outputs (not on the carry) and a configurable scan."""
+    def step(h, xk):
+        x, k = xk
+        h2 = jnp.tanh(x @ params["w"] + h @ params["u"])
+        m = jax.random.bernoulli(k, 0.9, h2.shape)
+        return h2, jnp.sum(jnp.where(m, h2, 0.) ** 2, -1)
+    h, ys = lax.scan(step, jnp.zeros((xs.shape[1], params["u"].shape[0])), (xs, keys),
+                     reverse=reverse, unroll=unroll)
+    return jnp.sum(ys) + jnp.sum(h)
+
+
+@pytest.mark.parametrize("reverse,unroll", [(False, 1), (True, 2)])
+def test_dropout_beside_the_carry_does_not_block_chunking(reverse, unroll):
+    kw, ku, kx, kd = jax.random.split(K, 4)
+    params = {"w": jax.random.normal(kw, (8, 64)) / 3, "u": jax.random.normal(ku, (64, 64)) / 6}
+    args = (params, jax.random.normal(kx, (32, 8, 8)), jax.random.split(kd, 32))
+    cj = jax.make_jaxpr(jax.value_and_grad(functools.partial(
+        _dropout_loss, reverse=reverse, unroll=unroll)))(*args)
+    plan, deep, new = _chunked_level(cj)
+    # the user's unroll now applies to the inner (per-step) scans
+    inner = [e for f in _scans(new, reverse) for e in f.params["jaxpr"].jaxpr.eqns
+             if e.primitive.name == "scan"]
+    assert inner and all(e.params["unroll"] == unroll for e in inner)
+    assert _max_err(cj, new, jax.tree_util.tree_leaves(args)) <= 1e-6
+
+
 def test_prime_length_not_chunked_with_note():
     cj, args = _toy(T=7)
     plan = remat_scan.plan_scans(cj)
