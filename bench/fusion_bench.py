@@ -9,7 +9,7 @@
    kernel there), against dot_product_attention and the block-causal kernel by hand.
 
 Memory-aware CPU scheduler: XLA_FLAGS is set below, before JAX starts. Times are
-medians over interleaved runs after warm-up (baseline, fused and hand in turn).
+medians after warm-up over blocks of consecutive calls, the variants taking turns.
 
     python bench/fusion_bench.py [--quick]
 """
@@ -37,16 +37,21 @@ QUICK = "--quick" in sys.argv
 MiB = 2**20
 
 
-def timed(fns: dict, args, reps: int) -> dict:
-    """Median seconds per call of each function, runs interleaved so load hits all alike."""
+def timed(fns: dict, args, reps: int, block: int = 10) -> dict:
+    """Median seconds per call of each function: blocks of ``block`` consecutive calls,
+    the functions taking turns (rotated each round) so load drifts hit all alike; a call
+    right after another program's pays for its cache misses, so calls are not mixed."""
     for f in fns.values():
         jax.block_until_ready(f(*args))
     times = {k: [] for k in fns}
-    for _ in progress.track(range(reps), "timing"):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times[k].append(time.perf_counter() - t0)
+    names = list(fns)
+    for r in progress.track(range(max(1, reps // block)), "timing"):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            jax.block_until_ready(fns[k](*args))  # warm this program's buffers again
+            for _ in range(block):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fns[k](*args))
+                times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
