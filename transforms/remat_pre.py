@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from graphopt import analysis, ir
 from graphopt.interpreter import Stats
 
-from .remat_plan import Plan, build_plan, recomputable
+from .remat_plan import DOTS, Plan, build_plan, recomputable
 
 # Primitives whose VJP needs none of their inputs: their operands are not residuals.
 LINEAR = frozenset({
@@ -163,7 +163,6 @@ SCAN_LEVELS = (
     ("dots_with_no_batch_dims_saveable", jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
     ("nothing_saveable", jax.checkpoint_policies.nothing_saveable),
 )
-_DOTS = frozenset({"dot_general", "conv_general_dilated"})
 
 
 def _checkpointable_scan(e) -> bool:
@@ -175,7 +174,7 @@ def _checkpointable_scan(e) -> bool:
 def _saved_by(e, level: str) -> bool:
     """Whether the policy of ``level`` saves ``e``'s output (mirrors jax.checkpoint_policies)."""
     if level == "dots_saveable":
-        return e.primitive.name in _DOTS
+        return e.primitive.name in DOTS
     if level == "dots_with_no_batch_dims_saveable" and e.primitive.name == "dot_general":
         (_, _), (lb, rb) = e.params["dimension_numbers"]
         return not lb and not rb
@@ -302,7 +301,9 @@ def remat_jaxpr_pre_ad(cj, memory_budget, solver="auto", max_cuts=128, time_limi
             cj, n = checkpoint_scans(cj, name)[::2]
             stats.hit("remat.scan_checkpointed", n)
             seg_base, scan_flops = mem, fl
-    plan = build_plan(cj, None, residuals=ad_residuals(cj.jaxpr), max_cuts=max_cuts)
+    # dots_kept_span=0: a custom_vjp segment recomputes all of its range (saves its inputs)
+    plan = build_plan(cj, None, residuals=ad_residuals(cj.jaxpr), max_cuts=max_cuts,
+                      dots_kept_span=0)
     if not plan.segments:
         if seg_base < base:
             from .remat import BudgetError, _infeasible_msg
