@@ -178,6 +178,15 @@ def test_block_causal_kernel_on_cpu_skips_masked_blocks():
     assert score_flops(out) == pytest.approx(0.75 * score_flops(cj))
 
 
+def test_block_causal_kernel_bf16_gpt_equivalent():
+    key = jax.random.PRNGKey(2)
+    p = gpt.init(key, n_layers=1, d_model=16, n_heads=2, seq_len=128, vocab=32)
+    batch = gpt.example_batch(key, batch=2, seq_len=128, vocab=32)
+    loss = lambda p, b: gpt.loss(p, b, dtype=jnp.bfloat16)  # noqa: E731
+    _, _, st = check("fuse_attention_auto", loss, p, batch, rtol=3e-2)
+    assert st.hits["fuse.attention.causal"] == 1
+
+
 def test_block_causal_matches_dot_product_attention_with_bias():
     from graphopt.transforms.fuse_attention import block_causal_attention, n_causal_blocks
     for S_ in (8, 12, 6):  # S = T, S > T, S < T
