@@ -293,6 +293,25 @@ def map_subjaxprs(eqn, fn: Callable[[ClosedJaxpr, bool], ClosedJaxpr]) -> JaxprE
     return eqn.replace(params=new_params)
 
 
+def scan_layout(eqn) -> tuple[int, int, int]:
+    """(num consts, num carry, num xs) of a ``scan`` equation."""
+    nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+    return nc, nk, len(eqn.invars) - nc - nk
+
+
+def dce_same_interface(jaxpr: Jaxpr, keep_impure: bool = True) -> Jaxpr:
+    """``jaxpr`` without equations nothing reads, same invars and outvars (effectful and
+    random ones stay unless ``keep_impure`` is False: a slice that only recomputes)."""
+    need = {v for v in jaxpr.outvars if is_var(v)}
+    kept = []
+    for e in reversed(jaxpr.eqns):
+        if (keep_impure and impure(e)) or any(is_var(v) and v in need for v in e.outvars):
+            kept.append(e)
+            need.update(a for a in e.invars if is_var(a))
+    kept.reverse()
+    return make_jaxpr_from(jaxpr, eqns=kept)
+
+
 def trip_count(eqn) -> float:
     """How often the sub-jaxprs of ``eqn`` run per execution of ``eqn`` (for costs).
 

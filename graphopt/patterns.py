@@ -365,6 +365,25 @@ class Rule:
         return f"Rule({self.name!r})"
 
 
+class DotRule(Rule):
+    """A rule rooted at a ``dot_general`` that may match from either operand: subclasses
+    define ``_find(view, i, root, side)``, tried with side 0, then 1."""
+
+    def __init__(self, name: str):
+        super().__init__(name, roots=("dot_general",))
+
+    def find(self, view: View, i: int) -> Match | None:
+        root = view.eqns[i]
+        for side in (0, 1):
+            m = self._find(view, i, root, side)
+            if m is not None:
+                return m
+        return None
+
+    def _find(self, view: View, i: int, root, side: int) -> Match | None:
+        raise NotImplementedError
+
+
 def _check_private(view: View, m: Match) -> str | None:
     """Why ``m`` cannot replace its equations, or None if it can."""
     outs = set(m.outs)
@@ -547,5 +566,5 @@ from .patterns_user import (LitArg, PatternRule, clear_user_rules, rewrite,  # n
                             unregister, user_rules)
 
 __all__ = ["Pat", "Wild", "Lit", "Op", "wild", "lit", "op", "View", "Bindings", "match", "Match",
-           "Rule", "PatternRule", "LitArg", "apply_rules", "inline_jits", "rewrite", "user_rules",
+           "Rule", "DotRule", "PatternRule", "LitArg", "apply_rules", "inline_jits", "rewrite", "user_rules",
            "clear_user_rules", "unregister", "COMMUTATIVE", "is_fused_call"]

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from graphopt.patterns import Match, Rule, View
+from graphopt.patterns import DotRule, Match, View
 
 POST_AD_HINT = ("the jaxpr already holds the backward pass, which reads the forward's "
                 "intermediates; apply graphopt.optimize to the loss before jax.grad "
@@ -301,21 +301,14 @@ def block_causal_attention(q, k, v, *, scale, n_blocks, bias=None):
     return jnp.concatenate(outs, axis=1)
 
 
-class AttentionRule(Rule):
-    """``only_where_it_pays``: off GPU, fire only where the block-causal kernel applies
+class AttentionRule(DotRule):
+    """The root is the probabilities·v dot (``p_side``: the probabilities' operand).
+    ``only_where_it_pays``: off GPU, fire only where the block-causal kernel applies
     (elsewhere XLA's attention is the very computation the hand-written one is)."""
 
     def __init__(self, only_where_it_pays: bool = False):
-        super().__init__("fuse.attention", roots=("dot_general",))
+        super().__init__("fuse.attention")
         self.only_where_it_pays = only_where_it_pays
-
-    def find(self, view: View, i: int) -> Match | None:
-        root = view.eqns[i]
-        for p_side in (0, 1):
-            m = self._find(view, i, root, p_side)
-            if m is not None:
-                return m
-        return None
 
     def _find(self, view, i, root, p_side):
         p = root.invars[p_side]

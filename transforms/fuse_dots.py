@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from graphopt import ir
-from graphopt.patterns import Match, Rule, View
+from graphopt.patterns import DotRule, Match, Rule, View
 
 
 def _nbytes(a) -> int:
@@ -39,19 +39,11 @@ def _free_dims(eqn, side):
     return [d for d in range(eqn.invars[side].aval.ndim) if d not in c and d not in b]
 
 
-class ParallelDots(Rule):
+class ParallelDots(DotRule):
     """x @ w1, x @ w2, ... ⇒ split(x @ concat(w1, w2, ...))."""
 
     def __init__(self):
-        super().__init__("fuse.parallel_dots", roots=("dot_general",))
-
-    def find(self, view: View, i: int) -> Match | None:
-        root = view.eqns[i]
-        for side in (0, 1):
-            m = self._find(view, i, root, side)
-            if m is not None:
-                return m
-        return None
+        super().__init__("fuse.parallel_dots")
 
     def _find(self, view, i, root, side):
         x = root.invars[side]
