@@ -1,13 +1,17 @@
 """The GPT training step of DESIGN.md, by hand and through graphopt, in one run.
 
-Variants (step time median and XLA temp memory each, baseline first):
+Variants (step time median and XLA temp memory each, against the first):
 
 - fp32 naive attention, no remat (what people write first);
-- bf16 matmuls, naive attention;
-- bf16, the loss through ``graphopt.optimize`` (attention fused; ``jax.grad`` outside);
-- bf16 with ``jax.nn.dot_product_attention`` written by hand (cuDNN on GPU);
 - fp32 step through ``graphopt.optimize(step, memory_budget=0.25)`` (post-AD remat);
-- fp32 with ``jax.checkpoint(nothing_saveable)`` per block, by hand.
+- fp32 with ``jax.checkpoint(nothing_saveable)`` per block, by hand;
+- bf16 matmuls, naive attention;
+- bf16, the loss through ``graphopt.optimize`` (default pipeline; ``jax.grad`` outside);
+- bf16, the loss through ``graphopt.optimize(passes=["prune", "fuse_attention"])``;
+- bf16 with ``jax.nn.dot_product_attention`` written by hand (cuDNN on GPU).
+
+The order is the order of importance: ``--deadline`` skips what would start after it, so
+a run on a lent GPU returns the first rows even when compiles are slow.
 
     python bench/gpt_step_bench.py            # DESIGN.md sizes (a GPU; record in bench/RESULTS.md)
     python bench/gpt_step_bench.py --tiny     # a CPU smoke run of the same code
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +33,9 @@ from graphopt.models import gpt
 from graphopt.models._common import make_train_step
 
 DESIGN_SIZES = dict(n_layers=12, d_model=1024, n_heads=16, seq_len=1024, vocab=8192, batch=8)
-TINY_SIZES = dict(n_layers=2, d_model=64, n_heads=4, seq_len=64, vocab=256, batch=2)
+TINY_SIZES = dict(n_layers=2, d_model=64, n_heads=4, seq_len=128, vocab=256, batch=2)
+# The fence variants the 12-layer GPT step keeps on CPU: one floor compile instead of 8.
+FIXED_REMAT = dict(remat_order_backward=False, remat_narrow_fence=True, remat_skip_kept=True)
 
 
 def _hand_attention(q, k, v, causal=True):
@@ -46,20 +53,29 @@ def _loss_with_hand_attention(params, batch, dtype):
         gpt.attention = orig
 
 
-def variants(opt):
-    bf16 = jnp.bfloat16
+def variants(opt, budget, remat_options):
+    """name -> a thunk making the (unjitted) step; built lazily so skipped rows cost nothing."""
+    bf16_loss = functools.partial(gpt.loss, dtype=jnp.bfloat16)
     return {
-        "fp32": make_train_step(gpt.loss, opt),
-        "bf16": make_train_step(functools.partial(gpt.loss, dtype=bf16), opt),
-        "bf16+graphopt": make_train_step(
-            graphopt.optimize(functools.partial(gpt.loss, dtype=bf16),
-                              passes=["prune", "fuse_attention"]), opt),
-        "bf16+hand-attention": make_train_step(
-            functools.partial(_loss_with_hand_attention, dtype=bf16), opt),
-        "fp32+graphopt-remat25%": graphopt.optimize(make_train_step(gpt.loss, opt), memory_budget=0.25),
-        "fp32+nothing_saveable": make_train_step(functools.partial(
+        "fp32": lambda: make_train_step(gpt.loss, opt),
+        f"fp32+graphopt-remat{budget:.0%}": lambda: graphopt.optimize(
+            make_train_step(gpt.loss, opt), memory_budget=budget, **remat_options),
+        "fp32+nothing_saveable": lambda: make_train_step(functools.partial(
             gpt.loss, block_remat=jax.checkpoint_policies.nothing_saveable), opt),
+        "bf16": lambda: make_train_step(bf16_loss, opt),
+        "bf16+graphopt": lambda: make_train_step(graphopt.optimize(bf16_loss), opt),
+        "bf16+graphopt-attention": lambda: make_train_step(
+            graphopt.optimize(bf16_loss, passes=["prune", "fuse_attention"]), opt),
+        "bf16+hand-attention": lambda: make_train_step(
+            functools.partial(_loss_with_hand_attention, dtype=jnp.bfloat16), opt),
     }
+
+
+def _graphopt_notes(step, args, prefix="remat:"):
+    """The remat pass's notes for these arguments (its solver, measured bytes)."""
+    if not isinstance(step, graphopt.Optimized):
+        return []
+    return [n for n in step.report(*args).notes() if n.startswith(prefix)]
 
 
 def main(argv=None):
@@ -67,33 +83,57 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
     ap.add_argument("--only", nargs="*", default=None, help="subset of variant names")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--budget", type=float, default=0.25, help="remat budget, a fraction")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds after which no further variant starts")
+    ap.add_argument("--remat-variants", choices=["auto", "fixed", "adaptive"], default="auto",
+                    help=f"auto: the pass measures every fence variant; fixed: {FIXED_REMAT} "
+                         "(one floor compile instead of 8); adaptive: fixed when the first "
+                         "row's compile took over 8 s")
     ns = ap.parse_args(argv)
+    start = time.perf_counter()
     sizes = TINY_SIZES if ns.tiny else DESIGN_SIZES
     params = gpt.init(jax.random.PRNGKey(0), **sizes)
     batch = gpt.example_batch(jax.random.PRNGKey(1), **sizes)
     opt = gpt.optimizer()
     state = opt.init(params)
+    args = (params, state, batch)
     device = jax.devices()[0]
-    print(f"GPT step {sizes} on {device.platform} ({getattr(device, 'device_kind', '')}), JAX {jax.__version__}")
+    print(f"GPT step {sizes} on {device.platform} ({getattr(device, 'device_kind', '')}), "
+          f"JAX {jax.__version__}", flush=True)
     rows = []
-    for name, step in variants(opt).items():
+    remat_options = dict(FIXED_REMAT) if ns.remat_variants == "fixed" else {}
+    for name, make in variants(opt, ns.budget, remat_options).items():
         if ns.only and name not in ns.only:
             continue
+        if ns.deadline is not None and time.perf_counter() - start > ns.deadline:
+            print(f"{name:<26} skipped: past the {ns.deadline:.0f} s deadline", flush=True)
+            continue
+        step = make()
         fn = jax.jit(step)
         try:
-            temp = analysis.xla_memory(fn, params, state, batch)["temp_bytes"]
-            t = median_time(fn, params, state, batch, repeats=ns.repeats)
-            loss = float(fn(params, state, batch)[2])
+            t0 = time.perf_counter()
+            temp = analysis.xla_memory(fn, *args)["temp_bytes"]  # traces, runs graphopt, compiles
+            build_s = time.perf_counter() - t0
+            t = median_time(fn, *args, repeats=ns.repeats)
+            loss = float(fn(*args)[2])
         except Exception as exc:  # one variant failing (e.g. an infeasible budget) should not stop the table
-            print(f"{name:<24} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            print(f"{name:<26} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}", flush=True)
             continue
         rows.append((name, t, temp, loss))
-        print(f"{name:<24} {t * 1e3:9.2f} ms  {analysis.fmt_bytes(temp):>11}  loss {loss:.5f}", flush=True)
+        if ns.remat_variants == "adaptive" and len(rows) == 1 and build_s > 8:
+            remat_options.update(FIXED_REMAT)  # the thunks read it when built
+            print(f"(compiles take {build_s:.0f} s: remat with {FIXED_REMAT})", flush=True)
+        print(f"{name:<26} {t * 1e3:9.2f} ms  {analysis.fmt_bytes(temp):>11}  loss {loss:.5f}"
+              f"  (trace+optimize+compile {build_s:.1f} s)", flush=True)
+        for note in _graphopt_notes(step, args):
+            print(f"    {note}", flush=True)
     if rows:
         base_t, base_m = rows[0][1], rows[0][2]
         print(f"\nagainst {rows[0][0]}:")
         for name, t, m, _ in rows:
-            print(f"  {name:<24} speed {base_t / t:5.2f}x   temp memory {m / max(base_m, 1):5.2f}x")
+            print(f"  {name:<26} speed {base_t / t:5.2f}x   temp memory {m / max(base_m, 1):5.2f}x")
+    print(f"total {time.perf_counter() - start:.0f} s")
     return rows
 
 
