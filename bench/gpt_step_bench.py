@@ -3,8 +3,11 @@
 Variants (step time median and XLA temp memory each, against the first):
 
 - fp32 naive attention, no remat (what people write first);
+- fp32, the loss through ``graphopt.remat(loss, memory_budget=...)`` (pre-AD), the budget
+  25% of the fp32 step's temp memory;
 - fp32 step through ``graphopt.optimize(step, memory_budget=0.25)`` (post-AD remat);
-- fp32 with ``jax.checkpoint(nothing_saveable)`` per block, by hand;
+- fp32 with ``jax.checkpoint(nothing_saveable)`` / ``dots_with_no_batch_dims_saveable``
+  per block, by hand;
 - bf16 matmuls, naive attention;
 - bf16, the loss through ``graphopt.optimize`` (default pipeline; ``jax.grad`` outside);
 - bf16, the loss through ``graphopt.optimize(passes=["prune", "fuse_attention"])``;
@@ -53,15 +56,27 @@ def _loss_with_hand_attention(params, batch, dtype):
         gpt.attention = orig
 
 
-def variants(opt, budget, remat_options):
-    """name -> a thunk making the (unjitted) step; built lazily so skipped rows cost nothing."""
+def variants(opt, budget, remat_options, measured, pre_solver="auto"):
+    """name -> a thunk making the (unjitted) step; built lazily so skipped rows cost nothing.
+
+    ``measured``: temp bytes of the rows run so far; the pre-AD row's budget is the
+    fraction of the fp32 step's (``graphopt.remat`` alone would take it of the loss's
+    gradient program, which lacks the optimizer update)."""
     bf16_loss = functools.partial(gpt.loss, dtype=jnp.bfloat16)
+    policies = jax.checkpoint_policies
+
+    def pre_ad_budget():
+        return int(budget * measured["fp32"]) if "fp32" in measured else budget
     return {
         "fp32": lambda: make_train_step(gpt.loss, opt),
+        f"fp32+graphopt.remat(loss){budget:.0%}": lambda: make_train_step(
+            _keep(graphopt.remat(gpt.loss, memory_budget=pre_ad_budget(), solver=pre_solver)), opt),
+        "fp32+nothing_saveable": lambda: make_train_step(functools.partial(
+            gpt.loss, block_remat=policies.nothing_saveable), opt),
+        "fp32+dots_no_batch_saveable": lambda: make_train_step(functools.partial(
+            gpt.loss, block_remat=policies.dots_with_no_batch_dims_saveable), opt),
         f"fp32+graphopt-remat{budget:.0%}": lambda: graphopt.optimize(
             make_train_step(gpt.loss, opt), memory_budget=budget, **remat_options),
-        "fp32+nothing_saveable": lambda: make_train_step(functools.partial(
-            gpt.loss, block_remat=jax.checkpoint_policies.nothing_saveable), opt),
         "bf16": lambda: make_train_step(bf16_loss, opt),
         "bf16+graphopt": lambda: make_train_step(graphopt.optimize(bf16_loss), opt),
         "bf16+graphopt-attention": lambda: make_train_step(
@@ -71,11 +86,24 @@ def variants(opt, budget, remat_options):
     }
 
 
+_LAST_REMAT: list = []  # the graphopt.remat wrapper of the row being built
+
+
+def _keep(rematted):
+    _LAST_REMAT[:] = [rematted]
+    return rematted
+
+
 def _graphopt_notes(step, args, prefix="remat:"):
     """The remat pass's notes for these arguments (its solver, measured bytes)."""
-    if not isinstance(step, graphopt.Optimized):
-        return []
-    return [n for n in step.report(*args).notes() if n.startswith(prefix)]
+    if isinstance(step, graphopt.Optimized):
+        return [n for n in step.report(*args).notes() if n.startswith(prefix)]
+    if _LAST_REMAT:  # pre-AD: what the solver chose for the loss
+        info = _LAST_REMAT.pop().info(args[0], args[2])
+        return [n for n in info["stats"].notes if n.startswith(prefix)] + [
+            f"remat: pre-AD {info.get('solver')}: {analysis.fmt_bytes(info['bytes'])} of the "
+            f"loss gradient, recomputes {analysis.fmt_flops(info['flops'])}"]
+    return []
 
 
 def main(argv=None):
@@ -90,6 +118,8 @@ def main(argv=None):
                     help=f"auto: the pass measures every fence variant; fixed: {FIXED_REMAT} "
                          "(one floor compile instead of 8); adaptive: fixed when the first "
                          "row's compile took over 8 s")
+    ap.add_argument("--pre-solver", default="auto", choices=["auto", "greedy", "milp"],
+                    help="solver of the pre-AD row (auto: milp where the graph is small)")
     ns = ap.parse_args(argv)
     start = time.perf_counter()
     sizes = TINY_SIZES if ns.tiny else DESIGN_SIZES
@@ -103,7 +133,8 @@ def main(argv=None):
           f"JAX {jax.__version__}", flush=True)
     rows = []
     remat_options = dict(FIXED_REMAT) if ns.remat_variants == "fixed" else {}
-    for name, make in variants(opt, ns.budget, remat_options).items():
+    measured: dict = {}
+    for name, make in variants(opt, ns.budget, remat_options, measured, ns.pre_solver).items():
         if ns.only and name not in ns.only:
             continue
         if ns.deadline is not None and time.perf_counter() - start > ns.deadline:
@@ -121,6 +152,7 @@ def main(argv=None):
             print(f"{name:<26} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}", flush=True)
             continue
         rows.append((name, t, temp, loss))
+        measured[name] = temp
         if ns.remat_variants == "adaptive" and len(rows) == 1 and build_s > 8:
             remat_options.update(FIXED_REMAT)  # the thunks read it when built
             print(f"(compiles take {build_s:.0f} s: remat with {FIXED_REMAT})", flush=True)

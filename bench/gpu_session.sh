@@ -3,7 +3,7 @@
 #   install graphopt without dependencies, print the card, run the GPT step table of
 #   DESIGN.md (bench/gpt_step_bench.py) and, in the background at low priority, the test
 #   suite on that machine's CPU under its JAX version. Logs go to $OUT (or ./gpu_out).
-# Usage: DEADLINE=400 TEST_S=420 bash bench/gpu_session.sh
+# Usage: DEADLINE=400 TEST_S=420 bash bench/gpu_session.sh [gpt_step_bench.py options]
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -20,7 +20,7 @@ $PY -c "import sys, jax; print('python', sys.version.split()[0], 'jax', jax.__ve
     --ignore=tests/test_notebooks.py --ignore=tests/test_viz.py tests \
     > "$OUT/pytest.log" 2>&1; echo "pytest exit $?" >> "$OUT/pytest.log" ) &
 PYTHONUNBUFFERED=1 GRAPHOPT_PROGRESS=0 $PY bench/gpt_step_bench.py \
-  --deadline "${DEADLINE:-400}" --remat-variants "${REMAT_VARIANTS:-adaptive}" 2>&1 \
+  --deadline "${DEADLINE:-400}" --remat-variants "${REMAT_VARIANTS:-adaptive}" "$@" 2>&1 \
   | tee "$OUT/gpt_step.log"
 wait
 tail -5 "$OUT/pytest.log"

@@ -27,6 +27,10 @@ from jax.extend import source_info_util as _siu
 from jax._src import core as _core
 from jax._src.interpreters import partial_eval as _pe
 from jax._src.interpreters import mlir as _mlir
+try:  # scan's operand layout as flat trees (JAX >= 0.11)
+    from jax._src import flattree as _flattree
+except ImportError:  # pragma: no cover - older JAX keeps num_consts/num_carry
+    _flattree = None
 
 Jaxpr = _jex.Jaxpr
 ClosedJaxpr = _jex.ClosedJaxpr
@@ -295,8 +299,34 @@ def map_subjaxprs(eqn, fn: Callable[[ClosedJaxpr, bool], ClosedJaxpr]) -> JaxprE
 
 def scan_layout(eqn) -> tuple[int, int, int]:
     """(num consts, num carry, num xs) of a ``scan`` equation."""
-    nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
-    return nc, nk, len(eqn.invars) - nc - nk
+    if "num_consts" in eqn.params:  # JAX <= 0.10
+        nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+        return nc, nk, len(eqn.invars) - nc - nk
+    nc, nk, nx = (len(part) for part in eqn.params["ft_in"].unpack())  # JAX >= 0.11: flat trees
+    return nc, nk, nx
+
+
+def replace_scan(eqn, *, jaxpr: ClosedJaxpr, invars=None, outvars=None, num_consts=None,
+                 linear=None):
+    """``scan`` equation ``eqn`` with a new body, operands and results; the carries stay.
+
+    Rebuilds the layout parameters of either JAX generation (``num_consts``/``linear``,
+    or the ``ft_in``/``ft_out`` flat trees). ``linear``: per operand (old JAX only;
+    default all False when the operand count changes)."""
+    invars = list(eqn.invars) if invars is None else list(invars)
+    outvars = list(eqn.outvars) if outvars is None else list(outvars)
+    nc, nk, _ = scan_layout(eqn)
+    nc = nc if num_consts is None else num_consts
+    params = {**eqn.params, "jaxpr": jaxpr}
+    if "num_consts" in eqn.params:
+        params["num_consts"] = nc
+        if "linear" in params and (linear is not None or len(invars) != len(eqn.invars)):
+            params["linear"] = tuple(linear) if linear is not None else (False,) * len(invars)
+    else:
+        ft = _flattree
+        params["ft_in"] = ft.pack((ft.nones(nc), ft.nones(nk), ft.nones(len(invars) - nc - nk)))
+        params["ft_out"] = ft.pack((ft.nones(nk), ft.nones(len(outvars) - nk)))
+    return eqn.replace(invars=invars, outvars=outvars, params=params)
 
 
 def dce_same_interface(jaxpr: Jaxpr, keep_impure: bool = True) -> Jaxpr:

@@ -291,8 +291,8 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set):
     f_body = ir.make_jaxpr_from(
         fb, outvars=list(fb.outvars[:nk]) + [fb.outvars[nk + y] for y in keep_y] + new_f_body_out)
     f_body = ir.dce_same_interface(f_body)
-    new_f = f.replace(
-        params={**f.params, "jaxpr": ir.closed(f_body, fcj.consts)},
+    new_f = ir.replace_scan(
+        f, jaxpr=ir.closed(f_body, fcj.consts),
         outvars=list(f.outvars[:nk]) + [f.outvars[nk + y] for y in keep_y] + new_f_outer)
 
     # B: consts + F's consts, carries, kept xs + new xs; recompute at the top of the body
@@ -314,11 +314,8 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set):
              + [lin[p] for p in xs_keep] + [False] * len(new_xs_in))
     b_outer = (list(b.invars[:bnc]) + new_const_outer + list(b.invars[bnc:bnc + bnk])
                + [b.invars[p] for p in xs_keep] + new_xs_outer)
-    params = {**b.params, "jaxpr": ir.closed(b_body, list(bcj.consts) + new_bconsts),
-              "num_consts": bnc + len(new_const_in)}
-    if "linear" in b.params:
-        params["linear"] = tuple(b_lin)
-    new_b = b.replace(invars=b_outer, params=params)
+    new_b = ir.replace_scan(b, jaxpr=ir.closed(b_body, list(bcj.consts) + new_bconsts),
+                            invars=b_outer, num_consts=bnc + len(new_const_in), linear=b_lin)
     return new_f, new_b
 
 

@@ -95,7 +95,7 @@ def _regen_body(fb, nc: int, nk: int, need: list):
 
 def _stack_pos(f, b, stacks) -> dict:
     """B's invar positions reading F's stacked carries -> (F ys index, carry index)."""
-    nk, (bnc, bnk, _) = f.params["num_carry"], ir.scan_layout(b)
+    (_, nk, _), (bnc, bnk, _) = ir.scan_layout(f), ir.scan_layout(b)
     return {p: (y, j) for y, j in stacks for p in range(bnc + bnk, len(b.invars))
             if b.invars[p] is f.outvars[nk + y]}
 

@@ -46,7 +46,7 @@ def rnn_step():
 def _scan_ys(cj, i):
     e = cj.jaxpr.eqns[i]
     assert e.primitive.name == "scan"
-    return len(e.outvars) - e.params["num_carry"]
+    return len(e.outvars) - ir.scan_layout(e)[1]
 
 
 _REF: dict = {}
@@ -224,13 +224,14 @@ def test_loss_gradients_identical_after_scan_rewrite():
 
 
 def test_pass_meets_estimated_budget_and_is_idempotent(gpt_step):
+    # 0.7: the estimated floor is 60% of the program on JAX 0.10 and 64% on 0.11 (its scan AD)
     _, args, cj = gpt_step
     base = remat.estimated_temp(cj)
-    ctx = PassContext("post-AD", {"memory_budget": 0.6, "remat_measure": "estimate"})
+    ctx = PassContext("post-AD", {"memory_budget": 0.7, "remat_measure": "estimate"})
     res = remat.remat_pass(cj, ctx)
     assert res.changed
     ir.check(res.jaxpr)
-    assert remat.estimated_temp(res.jaxpr) <= 0.6 * base * 1.05
+    assert remat.estimated_temp(res.jaxpr) <= 0.7 * base * 1.05
     assert res.stats.hits["remat.scan_residuals_dropped"] >= 1
     assert any("scan pair" in n for n in res.stats.notes)
     again = remat.remat_pass(res.jaxpr, ctx)
@@ -247,7 +248,7 @@ def test_pass_infeasible_budget_states_smallest(rnn_step):
 
 def test_optimize_scan_gpt_with_budget(gpt_step):
     step, args, _ = gpt_step
-    f = graphopt.optimize(step, memory_budget=0.6, remat_measure="estimate")
+    f = graphopt.optimize(step, memory_budget=0.7, remat_measure="estimate")
     out, ref = f(*args), step(*args)
     for x, y in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_allclose(x, y, rtol=2e-6, atol=1e-7)

@@ -115,3 +115,40 @@ def test_plan_without_segments():
     plan = Plan(3, 3, [], [], ["a"], {"a": 64}, 64, 1)
     sol = solve_greedy(plan, 0)
     assert sol.remat == [] and not sol.feasible and sol.model_bytes == 64
+
+
+@pytest.mark.parametrize("anchored", [False, True])
+def test_choose_follows_the_measured_slope(anchored):
+    """XLA keeping 0.35 bytes per model byte (GPT on a GPU) must not cost a compile per
+    small step: the calibration steps along the measured slope and meets the budget."""
+    from graphopt.transforms import remat
+    plan = _traced("mlp")
+    m_none = plan.model_bytes([False] * len(plan.segments))
+    least = solve_greedy(plan, 0)
+
+    def measure(r):
+        return int(0.35 * plan.model_bytes(list(r)) + 1000)
+    compiles = []
+
+    def build(r):
+        compiles.append(tuple(r))
+        return tuple(r)
+    base = measure([False] * len(plan.segments))
+    floor = measure(least.remat)
+    budget = int(floor + 0.2 * (base - floor))
+    kw = dict(known={tuple(least.remat): floor},
+              anchor=(least.model_bytes, floor)) if anchored else {}
+    prog, sol, mem = remat.choose(plan, build, measure, budget, base, solver="greedy", **kw)
+    assert 0.8 * budget <= mem <= budget * 1.05
+    assert len(compiles) <= (1 if anchored else 2)  # steps by the measured excess: 2 and 5
+    assert sol.model_bytes < m_none
+
+
+def test_next_target_interpolates_inside_a_bracket():
+    from graphopt.transforms.remat import next_target
+    pts = [(100.0, 50.0), (20.0, 10.0)]       # no remat over, a plan under a budget of 30
+    t = next_target(pts, 30, 20.0, 10)
+    assert 20 < t < 100 and abs(t - (20 + 80 * (30 - 10) / 40)) < 1e-9
+    assert next_target([(100.0, 50.0), (20.0, 60.0), (30.0, 10.0)], 30, 30.0, 10) is None
+    # over budget, the last two points say 0.5 measured per model byte: step twice as far
+    assert next_target([(100.0, 50.0), (80.0, 40.0)], 30, 80.0, 40) == 80 - (40 - 30) / 0.5
