@@ -419,7 +419,7 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
     sched = "memory-aware" if analysis.memory_aware_scheduler_active() else \
         "default (set XLA_FLAGS=" + analysis.memory_aware_scheduler_flag() + " for real savings)"
     stats.note(f"remat: post-AD schedule rewrite; memory measured by {how}"
-               + (f"; XLA CPU scheduler {sched}" if how == "xla" else ""))
+               + (f"; XLA CPU scheduler {sched}" if how == "xla" and ctx.platform == "cpu" else ""))
     if budget_bytes >= base:
         stats.note(f"remat: budget {analysis.fmt_bytes(budget_bytes)} >= the program's "
                    f"un-rematerialized temp memory {analysis.fmt_bytes(base)}: no-op")
