@@ -5,16 +5,17 @@ Variants (step time median and XLA temp memory each, against the first):
 - fp32 naive attention, no remat (what people write first);
 - fp32, the loss through ``graphopt.remat(loss, memory_budget=...)`` (pre-AD), the budget
   25% of the fp32 step's temp memory;
-- fp32 step through ``graphopt.optimize(step, memory_budget=0.25)`` (post-AD remat);
 - fp32 with ``jax.checkpoint(nothing_saveable)`` / ``dots_with_no_batch_dims_saveable``
   per block, by hand;
+- fp32 step through ``graphopt.optimize(step, memory_budget=0.25)`` (post-AD remat);
 - bf16 matmuls, naive attention;
 - bf16, the loss through ``graphopt.optimize`` (default pipeline; ``jax.grad`` outside);
 - bf16, the loss through ``graphopt.optimize(passes=["prune", "fuse_attention"])``;
 - bf16 with ``jax.nn.dot_product_attention`` written by hand (cuDNN on GPU).
 
-The order is the order of importance: ``--deadline`` skips what would start after it, so
-a run on a lent GPU returns the first rows even when compiles are slow.
+Rows run in the order above (``--only`` picks a subset); ``--deadline`` skips the rows
+that would start after it, so a run on a lent GPU returns its first rows even when
+compiles are slow.
 
     python bench/gpt_step_bench.py            # DESIGN.md sizes (a GPU; record in bench/RESULTS.md)
     python bench/gpt_step_bench.py --tiny     # a CPU smoke run of the same code
