@@ -248,6 +248,11 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set):
     new_f_body_out, new_f_outer = [], []      # carries F now emits
     pos = {v: i for i, v in enumerate(fb.invars)}
     cpos = {v: i for i, v in enumerate(fb.constvars)}
+    # An operand B already takes is not passed again: XLA copies a value that enters a
+    # loop twice (GPT's attention mask, 1.25 MiB, kept twice through the backward).
+    b_has = {("c", a): bb.invars[p] for p, a in enumerate(b.invars[:bnc]) if ir.is_var(a)}
+    b_has.update({("x", a): bb.invars[p] for p, a in enumerate(b.invars)
+                  if p >= bnc + bnk and ir.is_var(a)})
     in_atoms = []
     for v in leaves:
         if v in avail:
@@ -260,6 +265,10 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set):
         else:
             i = pos[v]
             outer = f.invars[i]
+            key = ("c" if i < nc else "k" if i < nc + nk else "x", outer)
+            if key in b_has:
+                in_atoms.append(b_has[key])
+                continue
             if i < nc:
                 if ir.is_literal(outer):
                     in_atoms.append(outer)
@@ -267,6 +276,7 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set):
                 nv = ir.new_var(v.aval)
                 new_const_in.append(nv)
                 new_const_outer.append(outer)
+                b_has[key] = nv
             elif i < nc + nk:
                 stacked = ir.new_var(_stacked(v.aval, L))
                 new_f_body_out.append(v)
@@ -278,6 +288,8 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set):
                 nv = ir.new_var(v.aval)
                 new_xs_in.append(nv)
                 new_xs_outer.append(outer)
+                if ir.is_var(outer):
+                    b_has[key] = nv
             in_atoms.append(nv)
     cone = ir.make_jaxpr_from(fb, constvars=[], invars=list(leaves),
                               outvars=[r.body_var for r in dropped],
@@ -316,7 +328,78 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set):
                + [b.invars[p] for p in xs_keep] + new_xs_outer)
     new_b = ir.replace_scan(b, jaxpr=ir.closed(b_body, list(bcj.consts) + new_bconsts),
                             invars=b_outer, num_consts=bnc + len(new_const_in), linear=b_lin)
-    return new_f, new_b
+    return new_f, sink_broadcasts(jaxpr, new_b)
+
+
+def _broadcast_source(jaxpr, producer: dict, a):
+    """(operand, shape, dims) when top-level ``a`` is a broadcast (alone or as an output of
+    a jit, like ``jnp.where``'s) of a value at least 8 times smaller, else None."""
+    i = producer.get(a)
+    if i is None:
+        return None
+    e = jaxpr.eqns[i]
+    src = be = None
+    if e.primitive.name == "broadcast_in_dim":
+        src, be = e.invars[0], e
+    elif e.primitive.name in ("jit", "pjit") and not ir.impure(e):
+        inner = ir.as_closed(e.params["jaxpr"]).jaxpr
+        ov = inner.outvars[e.outvars.index(a)]
+        be = next((x for x in inner.eqns if ov in x.outvars), None)
+        if be is None or be.primitive.name != "broadcast_in_dim":
+            return None
+        src = be.invars[0]
+        if ir.is_var(src):
+            if src not in inner.invars:
+                return None
+            src = e.invars[inner.invars.index(src)]
+    if be is None or be.params.get("sharding") is not None:
+        return None
+    if ir.aval_nbytes(src.aval) * 8 > ir.aval_nbytes(a.aval):
+        return None
+    return src, tuple(be.params["shape"]), tuple(be.params["broadcast_dimensions"])
+
+
+def sink_broadcasts(jaxpr, b):
+    """Scan ``b`` taking its broadcast constants' small sources instead, broadcast again at
+    the top of its body: a big constant entering the loop stays alive for the whole loop
+    (GPT's attention mask and its fill values, [B, N, T, T] each, through the backward;
+    ``jax.checkpoint`` in the body recomputes them)."""
+    import jax.lax as lax
+    nc, _, _ = ir.scan_layout(b)
+    producer = {v: i for i, e in enumerate(jaxpr.eqns) for v in e.outvars if ir.is_var(v)}
+    body = b.params["jaxpr"]
+    bb = body.jaxpr
+    lin = list(b.params.get("linear", (False,) * len(b.invars)))
+    keep_in, keep_body, keep_lin, pre, sub = [], [], [], [], {}
+    for p in range(nc):
+        a = b.invars[p]
+        found = _broadcast_source(jaxpr, producer, a) if ir.is_var(a) else None
+        if found is None:
+            keep_in.append(a)
+            keep_body.append(bb.invars[p])
+            keep_lin.append(lin[p])
+            continue
+        src, shape, dims = found
+        inner_src = src
+        if ir.is_var(src):
+            inner_src = ir.new_var(src.aval)
+            keep_in.append(src)
+            keep_body.append(inner_src)
+            keep_lin.append(False)
+        inl = ir.inline(lambda x, shape=shape, dims=dims: lax.broadcast_in_dim(x, shape, dims),
+                        [inner_src])
+        pre.extend(inl.eqns)
+        sub[bb.invars[p]] = inl.outs[0]
+    if not sub:
+        return b
+    eqns = pre + [e.replace(invars=[sub.get(x, x) if ir.is_var(x) else x for x in e.invars])
+                  for e in bb.eqns]
+    outvars = [sub.get(v, v) if ir.is_var(v) else v for v in bb.outvars]
+    new_body = ir.make_jaxpr_from(bb, invars=keep_body + list(bb.invars[nc:]),
+                                  outvars=outvars, eqns=eqns)
+    return ir.replace_scan(b, jaxpr=ir.closed(new_body, body.consts),
+                           invars=keep_in + list(b.invars[nc:]), num_consts=len(keep_in),
+                           linear=keep_lin + lin[nc:])
 
 
 def _drop_eqns(jaxpr, plan: ScanPlan, k: int, stats=None) -> list:

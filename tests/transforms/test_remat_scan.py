@@ -93,6 +93,32 @@ def test_gpt_scan_step_rewritten_same_outputs(gpt_step):
     assert _max_err(cj, part, jax.tree_util.tree_leaves(args)) <= 1e-6
 
 
+def test_backward_scan_takes_no_big_broadcast_nor_an_operand_twice(gpt_step):
+    """The attention mask and its fill values reach the rewritten backward scan as their
+    small sources (re-broadcast in the body), and no operand enters the loop twice: the
+    all-dropped program then needs no more XLA temp than nothing_saveable in the body."""
+    step, args, cj = gpt_step
+    plan = remat_scan.plan_scans(cj)
+    pair = plan.pairs[0]
+    new = remat_scan.apply_scans(cj, plan, plan.base_k)
+    b = new.jaxpr.eqns[pair.b]
+    nc, _, _ = ir.scan_layout(b)
+    producer = {v: e for e in new.jaxpr.eqns for v in e.outvars}
+    T = GPT["seq_len"]
+    big = [a for a in b.invars[:nc] if a.aval.ndim > 2 and tuple(a.aval.shape[-2:]) == (T, T)]
+    assert not big, [str(a.aval) for a in big]
+    assert any(e.primitive.name == "broadcast_in_dim"
+               for e in b.params["jaxpr"].jaxpr.eqns[:3])  # re-broadcast at the top
+    ops = [a for a in b.invars if ir.is_var(a)]
+    assert len(ops) == len(set(ops))
+    assert all(a in producer or a in new.jaxpr.invars or a in new.jaxpr.constvars for a in ops)
+    assert _max_err(cj, new, jax.tree_util.tree_leaves(args)) <= 1e-6
+    hand = jax.make_jaxpr(gpt.make_train_step(
+        gpt.optimizer(), scan_layers=True,
+        block_remat=jax.checkpoint_policies.nothing_saveable))(*args)
+    assert remat.xla_temp(new) <= remat.xla_temp(hand) * 1.02
+
+
 def test_rnn_step_rewritten_same_outputs(rnn_step):
     _, args, cj = rnn_step
     plan, new = _check_full_rewrite(cj, args)
