@@ -426,16 +426,23 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
         return PassResult(cj, False, stats)
 
     # Scans first: their stacked residuals are most of the memory and cheap to recompute
-    # per iteration; the segment plan then works on what the scan rewrite leaves.
+    # per iteration; the segment plan then works on what the scan rewrite leaves. Like
+    # jax.checkpoint's policies, least recomputation first: recompute from kept dot
+    # outputs (all, then those without batch dims), then from the carries alone.
     seg_base, scan_flops = base, 0.0
-    splan = remat_scan.plan_scans(inner) if ctx.option("remat_scan", True) else None
-    if splan is not None and len(splan.levels) > 1:
-        def build_scan(k):
+    splan = None
+    for keep in (remat_scan.KEEP_ORDER if ctx.option("remat_scan", True) else ()):
+        splan = remat_scan.plan_scans(inner, keep)
+        if len(splan.levels) <= 1:
+            splan = None
+            continue
+
+        def build_scan(k, splan=splan):
             return wrap(remat_scan.apply_scans(inner, splan, k))
         k_all = splan.levels[-1][0]
         m_all = measure(build_scan(k_all))
         stats.note(f"remat: {len(splan.pairs)} forward/backward scan pair(s), "
-                   f"{len(splan.order)} stacked residuals "
+                   f"{len(splan.order)} stacked residuals to drop "
                    f"({analysis.fmt_bytes(splan.residual_bytes)}); deepest level "
                    f"({remat_scan.level_desc(splan, k_all)}): {analysis.fmt_bytes(m_all)}")
         if m_all <= budget_bytes * 1.05:
@@ -445,6 +452,7 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
             remat_scan.apply_scans(inner, splan, k, stats)  # the notes and hits of the choice
             return _done(cj, prog, stats, f"solver scan-greedy ({remat_scan.level_desc(splan, k)})",
                          base, mem, budget_bytes, fl)
+    if splan is not None:  # the last mode (recompute from the carries) continues below
         if k_all != splan.base_k:  # chunking is chosen by the byte model: check XLA agrees
             m_base = measure(build_scan(splan.base_k))
             if m_base <= m_all:

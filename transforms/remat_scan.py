@@ -74,6 +74,7 @@ class ScanPlan:
     chunks: list = dataclasses.field(default_factory=list)  # Chunking, best first
     base_k: int = 0     # residual prefix the chunked levels build on
     notes: list = dataclasses.field(default_factory=list)   # pairs left unchunked, why
+    keep: str = "none"  # dot outputs recomputations start from (KEEP): F emits them stacked
 
     @property
     def residual_bytes(self) -> int:
@@ -128,9 +129,26 @@ def find_pairs(jaxpr) -> list[ScanPair]:
     return [p for p in pairs if not (p.b in seen_b or seen_b.add(p.b))]
 
 
-def _cone(body, targets, avail):
+def _is_dot(e) -> bool:
+    return e.primitive.name in ("dot_general", "conv_general_dilated")
+
+
+def _dot_without_batch_dims(e) -> bool:
+    return e.primitive.name == "dot_general" and not e.params["dimension_numbers"][1][0]
+
+
+# What a recomputation keeps rather than recomputes, like jax.checkpoint's policies:
+# "dots" ~ dots_saveable, "dots_no_batch" ~ dots_with_no_batch_dims_saveable, "none" ~
+# nothing_saveable. A kept dot output that is no residual is emitted by F, stacked.
+KEEP = {"dots": _is_dot, "dots_no_batch": _dot_without_batch_dims, "none": None}
+KEEP_ORDER = ("dots", "dots_no_batch", "none")  # least recomputation first
+_KEEP_DESC = {"dots": "dot outputs kept", "dots_no_batch": "dots without batch dims kept"}
+
+
+def _cone(body, targets, avail, stop=None):
     """Equations of ``body`` recomputing ``targets`` from leaves: ``avail`` vars (B
-    already holds them), invars and constvars. (eqn indices, leaves) or None."""
+    already holds them), invars, constvars and outputs of equations ``stop`` accepts.
+    (eqn indices, leaves) or None."""
     producer = {}
     for i, e in enumerate(body.eqns):
         for v in e.outvars:
@@ -150,6 +168,9 @@ def _cone(body, targets, avail):
         i = producer[v]
         if i in picked:
             continue
+        if stop is not None and stop(body.eqns[i]) and v not in targets:
+            leaves.append(v)
+            continue
         if not recomputable(body.eqns[i]):
             return None
         picked.add(i)
@@ -157,7 +178,12 @@ def _cone(body, targets, avail):
     return sorted(picked), leaves
 
 
-def _pair_cost(jaxpr, pair: ScanPair, drop: set, flops_cache: dict):
+def _inner_vars(body) -> list:
+    """Vars the equations of ``body`` define."""
+    return [v for e in body.eqns for v in e.outvars if ir.is_var(v)]
+
+
+def _pair_cost(jaxpr, pair: ScanPair, drop: set, flops_cache: dict, stop=None):
     """(model bytes saved, FLOPs recomputed) when ``pair`` drops residuals ``drop``."""
     if not drop:
         return 0, 0.0
@@ -166,12 +192,13 @@ def _pair_cost(jaxpr, pair: ScanPair, drop: set, flops_cache: dict):
     nc, nk, _ = ir.scan_layout(f)
     kept = {r.body_var for j, r in enumerate(pair.residuals) if j not in drop}
     kept |= set(pair.passthrough)
-    got = _cone(body, [pair.residuals[j].body_var for j in drop], kept)
+    got = _cone(body, [pair.residuals[j].body_var for j in drop], kept, stop)
     if got is None:
         return None
     picked, leaves = got
-    carries = set(body.invars[nc:nc + nk])
-    extra = sum(ir.aval_nbytes(v.aval) for v in set(leaves) if v in carries and v not in kept)
+    # leaves F must now emit stacked: carries, and kept dot outputs of the body
+    emitted = set(body.invars[nc:nc + nk]) | set(_inner_vars(body))
+    extra = sum(ir.aval_nbytes(v.aval) for v in set(leaves) if v in emitted and v not in kept)
     saved = sum(pair.residuals[j].nbytes for j in drop) - extra * pair.length
     flops = 0.0
     for i in picked:
@@ -181,14 +208,27 @@ def _pair_cost(jaxpr, pair: ScanPair, drop: set, flops_cache: dict):
     return saved, flops * pair.length
 
 
-def plan_scans(cj) -> ScanPlan:
-    """Scan pairs of ``cj``'s top level and a greedy drop order (bytes saved per FLOP)."""
+def plan_scans(cj, keep: str = "none") -> ScanPlan:
+    """Scan pairs of ``cj``'s top level and a greedy drop order (bytes saved per FLOP).
+
+    ``keep`` (a :data:`KEEP` name): recomputations start from the dot outputs it names
+    rather than recomputing them; then no carries are chunked."""
     jaxpr = cj.jaxpr if isinstance(cj, ir.ClosedJaxpr) else cj
+    if keep not in KEEP:
+        raise ValueError(f"remat: scan keep must be one of {sorted(KEEP)}, got {keep!r}")
+    stop = KEEP[keep]
     pairs = find_pairs(jaxpr)
     caches = [dict() for _ in pairs]
+
+    def kept_anyway(p, j):  # a residual the mode keeps: its own producer is a stop
+        if stop is None:
+            return False
+        body = p.f_eqn(jaxpr).params["jaxpr"].jaxpr
+        v = p.residuals[j].body_var
+        return any(v in e.outvars and stop(e) for e in body.eqns)
     # residuals whose cone holds non-recomputable equations never drop
     items = [(pi, j) for pi, p in enumerate(pairs) for j in range(len(p.residuals))
-             if _pair_cost(jaxpr, p, {j}, caches[pi]) is not None]
+             if not kept_anyway(p, j) and _pair_cost(jaxpr, p, {j}, caches[pi], stop) is not None]
     drop = [set() for _ in pairs]
     cur = [(0, 0.0) for _ in pairs]
     order, levels = [], [(0, 0, 0.0)]
@@ -198,7 +238,7 @@ def plan_scans(cj) -> ScanPlan:
         best = None
         for it in left:
             pi, j = it
-            c = _pair_cost(jaxpr, pairs[pi], drop[pi] | {j}, caches[pi])
+            c = _pair_cost(jaxpr, pairs[pi], drop[pi] | {j}, caches[pi], stop)
             if c is None:
                 continue
             gain, dfl = c[0] - cur[pi][0], c[1] - cur[pi][1]
@@ -217,8 +257,9 @@ def plan_scans(cj) -> ScanPlan:
         if saved > best_saved:
             best_saved = saved
             levels.append((len(order), saved, sum(fl for _, fl in cur)))
-    plan = ScanPlan(pairs, order, levels, base_k=levels[-1][0])
-    plan_chunks(jaxpr, _drop_eqns(jaxpr, plan, plan.base_k), plan)
+    plan = ScanPlan(pairs, order, levels, base_k=levels[-1][0], keep=keep)
+    if stop is None:
+        plan_chunks(jaxpr, _drop_eqns(jaxpr, plan, plan.base_k), plan)
     return plan
 
 
@@ -226,8 +267,9 @@ def _stacked(aval, length):
     return aval.update(shape=(length,) + tuple(aval.shape))
 
 
-def _rewrite_pair(jaxpr, pair: ScanPair, drop: set):
-    """New (F eqn, B eqn) with the residuals ``drop`` recomputed inside B's body."""
+def _rewrite_pair(jaxpr, pair: ScanPair, drop: set, stop=None):
+    """New (F eqn, B eqn) with the residuals ``drop`` recomputed inside B's body (from
+    the outputs of F's equations ``stop`` accepts, which F then emits stacked)."""
     f, b = pair.f_eqn(jaxpr), pair.b_eqn(jaxpr)
     fcj, bcj = f.params["jaxpr"], b.params["jaxpr"]
     fb, bb = fcj.jaxpr, bcj.jaxpr
@@ -239,7 +281,7 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set):
     avail = {v: bb.invars[p] for v, p in pair.passthrough.items()}
     for r in kept_res:
         avail.setdefault(r.body_var, bb.invars[r.bpos[0]])
-    picked, leaves = _cone(fb, [r.body_var for r in dropped], set(avail))
+    picked, leaves = _cone(fb, [r.body_var for r in dropped], set(avail), stop)
 
     # leaves -> atoms inside B's body, and what B's equation must pass in
     new_bconstvars, new_bconsts = [], []      # closed consts of F's body
@@ -261,6 +303,14 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set):
             nv = ir.new_var(v.aval)
             new_bconstvars.append(nv)
             new_bconsts.append(fcj.consts[cpos[v]])
+            in_atoms.append(nv)
+        elif v not in pos:  # a kept dot output of F's body: F emits it stacked
+            stacked = ir.new_var(_stacked(v.aval, L))
+            new_f_body_out.append(v)
+            new_f_outer.append(stacked)
+            nv = ir.new_var(v.aval)
+            new_xs_in.append(nv)
+            new_xs_outer.append(stacked)
             in_atoms.append(nv)
         else:
             i = pos[v]
@@ -411,7 +461,7 @@ def _drop_eqns(jaxpr, plan: ScanPlan, k: int, stats=None) -> list:
     for pair, d in zip(plan.pairs, drop):
         if not d:
             continue
-        eqns[pair.f], eqns[pair.b] = _rewrite_pair(jaxpr, pair, d)
+        eqns[pair.f], eqns[pair.b] = _rewrite_pair(jaxpr, pair, d, KEEP[plan.keep])
         if stats is not None:
             stats.hit("remat.scan_residuals_dropped", len(d))
             stats.note(f"remat: scan pair (eqns {pair.f}, {pair.b}, length {pair.length}): "
@@ -444,6 +494,8 @@ def level_desc(plan: ScanPlan, k: int) -> str:
     if n_chunk:
         out += (f", carries of {n_chunk}/{len(plan.pairs)} scan pair(s) checkpointed every "
                 + ", ".join(str(ch.size) for ch in plan.chunks[:n_chunk]) + " steps")
+    if plan.keep in _KEEP_DESC:
+        out += f", {_KEEP_DESC[plan.keep]}"
     return out
 
 
@@ -457,7 +509,8 @@ def scan_rematerialized(jaxpr) -> bool:
     return False
 
 
-__all__ = ["ScanPair", "ScanPlan", "Residual", "Chunking", "find_pairs", "plan_scans",
+__all__ = ["ScanPair", "ScanPlan", "Residual", "Chunking", "KEEP", "KEEP_ORDER", "sink_broadcasts",
+           "find_pairs", "plan_scans",
            "apply_scans", "level_desc", "scan_rematerialized"]
 
 

@@ -119,6 +119,31 @@ def test_backward_scan_takes_no_big_broadcast_nor_an_operand_twice(gpt_step):
     assert remat.xla_temp(new) <= remat.xla_temp(hand) * 1.02
 
 
+@pytest.mark.parametrize("keep", ["dots", "dots_no_batch"])
+def test_dots_kept_levels_recompute_from_kept_dots(gpt_step, keep):
+    """Like dots_saveable / dots_with_no_batch_dims_saveable: the backward body recomputes
+    only what is not a kept dot, F emits the kept dot outputs stacked, results exact."""
+    _, args, cj = gpt_step
+    none = remat_scan.plan_scans(cj, "none")
+    plan = remat_scan.plan_scans(cj, keep)
+    pair = plan.pairs[0]
+    k = plan.levels[-1][0]
+    new = remat_scan.apply_scans(cj, plan, k)
+    ir.check(new)
+    body = new.jaxpr.eqns[pair.b].params["jaxpr"].jaxpr
+    redone = [e for e in body.eqns if ir.name_stack(e).startswith("remat")]
+    assert redone and not any(remat_scan.KEEP[keep](e) for e in redone)
+    if keep == "dots_no_batch":  # the attention's batched dots are recomputed
+        assert any(e.primitive.name == "dot_general" for e in redone)
+    assert plan.levels[-1][2] < none.levels[-1][2]  # fewer FLOPs than recomputing all
+    full = remat_scan.apply_scans(cj, none, none.levels[-1][0])
+    assert _scan_ys(full, pair.f) < _scan_ys(new, pair.f)  # the kept dots, stacked
+    assert _max_err(cj, new, jax.tree_util.tree_leaves(args)) <= 1e-6
+    assert "dot" in remat_scan.level_desc(plan, k)
+    with pytest.raises(ValueError, match="scan keep"):
+        remat_scan.plan_scans(cj, "everything")
+
+
 def test_rnn_step_rewritten_same_outputs(rnn_step):
     _, args, cj = rnn_step
     plan, new = _check_full_rewrite(cj, args)
