@@ -18,7 +18,10 @@ carry F's iteration i started from. No fence: the recomputation runs in another 
 body, which XLA's CSE cannot merge with the forward (measured, see docs/remat.md).
 
 Which residuals to drop is a greedy order by bytes saved per recomputed FLOP
-(:func:`plan_scans`); the ``remat`` pass measures prefixes of it against the budget.
+(:func:`plan_scans`); the ``remat`` pass measures prefixes of it against the budget. A
+plan can keep dot outputs (:data:`KEEP`, like ``jax.checkpoint``'s dots policies): the
+recomputation then starts from them, and F emits the ones it needs, stacked. Broadcast
+constants reach B as their small sources (:func:`sink_broadcasts`).
 
 Deeper levels chunk the stacked carries (the sqrt(L) / nested scan checkpoint), on top
 of the deepest prefix, one pair per level, most bytes per FLOP first; that rewrite lives
@@ -286,8 +289,8 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set, stop=None):
     # leaves -> atoms inside B's body, and what B's equation must pass in
     new_bconstvars, new_bconsts = [], []      # closed consts of F's body
     new_const_in, new_const_outer = [], []    # F's consts
-    new_xs_in, new_xs_outer = [], []          # stacked carries and F's xs
-    new_f_body_out, new_f_outer = [], []      # carries F now emits
+    new_xs_in, new_xs_outer = [], []          # stacked carries/dots and F's xs
+    new_f_body_out, new_f_outer = [], []      # carries and kept dots F now emits
     pos = {v: i for i, v in enumerate(fb.invars)}
     cpos = {v: i for i, v in enumerate(fb.constvars)}
     # An operand B already takes is not passed again: XLA copies a value that enters a
@@ -304,7 +307,8 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set, stop=None):
             new_bconstvars.append(nv)
             new_bconsts.append(fcj.consts[cpos[v]])
             in_atoms.append(nv)
-        elif v not in pos:  # a kept dot output of F's body: F emits it stacked
+        elif v not in pos or nc <= pos[v] < nc + nk:
+            # a carry, or a kept dot output of F's body: F emits it stacked
             stacked = ir.new_var(_stacked(v.aval, L))
             new_f_body_out.append(v)
             new_f_outer.append(stacked)
@@ -315,7 +319,7 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set, stop=None):
         else:
             i = pos[v]
             outer = f.invars[i]
-            key = ("c" if i < nc else "k" if i < nc + nk else "x", outer)
+            key = ("c" if i < nc else "x", outer)
             if key in b_has:
                 in_atoms.append(b_has[key])
                 continue
@@ -326,20 +330,12 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set, stop=None):
                 nv = ir.new_var(v.aval)
                 new_const_in.append(nv)
                 new_const_outer.append(outer)
-                b_has[key] = nv
-            elif i < nc + nk:
-                stacked = ir.new_var(_stacked(v.aval, L))
-                new_f_body_out.append(v)
-                new_f_outer.append(stacked)
-                nv = ir.new_var(v.aval)
-                new_xs_in.append(nv)
-                new_xs_outer.append(stacked)
             else:
                 nv = ir.new_var(v.aval)
                 new_xs_in.append(nv)
                 new_xs_outer.append(outer)
-                if ir.is_var(outer):
-                    b_has[key] = nv
+            if ir.is_var(outer):
+                b_has[key] = nv
             in_atoms.append(nv)
     cone = ir.make_jaxpr_from(fb, constvars=[], invars=list(leaves),
                               outvars=[r.body_var for r in dropped],
