@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jax import lax
+
 from graphopt import analysis, ir
 
 from .remat_plan import recomputable
@@ -410,7 +412,6 @@ def sink_broadcasts(jaxpr, b):
     the top of its body: a big constant entering the loop stays alive for the whole loop
     (GPT's attention mask and its fill values, [B, N, T, T] each, through the backward;
     ``jax.checkpoint`` in the body recomputes them)."""
-    import jax.lax as lax
     nc, _, _ = ir.scan_layout(b)
     producer = {v: i for i, e in enumerate(jaxpr.eqns) for v in e.outvars if ir.is_var(v)}
     body = b.params["jaxpr"]
