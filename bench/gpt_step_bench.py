@@ -70,8 +70,8 @@ def variants(opt, budget, remat_options, measured, pre_solver="auto"):
         return int(budget * measured["fp32"]) if "fp32" in measured else budget
     return {
         "fp32": lambda: make_train_step(gpt.loss, opt),
-        f"fp32+graphopt.remat(loss){budget:.0%}": lambda: make_train_step(
-            _keep(graphopt.remat(gpt.loss, memory_budget=pre_ad_budget(), solver=pre_solver)), opt),
+        f"fp32+graphopt.remat(loss){budget:.0%}": lambda: _pre_ad_step(
+            graphopt.remat(gpt.loss, memory_budget=pre_ad_budget(), solver=pre_solver), opt),
         "fp32+nothing_saveable": lambda: make_train_step(functools.partial(
             gpt.loss, block_remat=policies.nothing_saveable), opt),
         "fp32+dots_no_batch_saveable": lambda: make_train_step(functools.partial(
@@ -87,20 +87,18 @@ def variants(opt, budget, remat_options, measured, pre_solver="auto"):
     }
 
 
-_LAST_REMAT: list = []  # the graphopt.remat wrapper of the row being built
-
-
-def _keep(rematted):
-    _LAST_REMAT[:] = [rematted]
-    return rematted
+def _pre_ad_step(rematted, opt):
+    step = make_train_step(rematted, opt)
+    step.rematted = rematted  # for the row's notes
+    return step
 
 
 def _graphopt_notes(step, args, prefix="remat:"):
     """The remat pass's notes for these arguments (its solver, measured bytes)."""
     if isinstance(step, graphopt.Optimized):
         return [n for n in step.report(*args).notes() if n.startswith(prefix)]
-    if _LAST_REMAT:  # pre-AD: what the solver chose for the loss
-        info = _LAST_REMAT.pop().info(args[0], args[2])
+    if hasattr(step, "rematted"):  # pre-AD: what the solver chose for the loss
+        info = step.rematted.info(args[0], args[2])
         return [n for n in info["stats"].notes if n.startswith(prefix)] + [
             f"remat: pre-AD {info.get('solver')}: {analysis.fmt_bytes(info['bytes'])} of the "
             f"loss gradient, recomputes {analysis.fmt_flops(info['flops'])}"]
