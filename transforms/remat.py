@@ -430,10 +430,12 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
     # jax.checkpoint's policies, least recomputation first: recompute from kept dot
     # outputs (all, then those without batch dims), then from the carries alone.
     seg_base, scan_flops = base, 0.0
-    splan = None
+    splan, seen = None, set()
     for keep in (remat_scan.KEEP_ORDER if ctx.option("remat_scan", True) else ()):
         splan = remat_scan.plan_scans(inner, keep)
-        if len(splan.levels) <= 1:
+        same = (tuple(splan.order), tuple(splan.levels)) in seen  # e.g. no batched dots
+        seen.add((tuple(splan.order), tuple(splan.levels)))
+        if len(splan.levels) <= 1 or (same and keep != "none"):
             splan = None
             continue
 
