@@ -39,6 +39,7 @@ equations are duplicated, inside the fence).
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -350,7 +351,7 @@ def choose(plan: Plan, build, measure, budget_bytes: int, base_mem: int, *, solv
     key = tuple(sol.remat)
     if key not in tried:
         prog = build(sol.remat)
-        tried[key] = (prog, measure(prog))
+        tried[key] = (prog, known[key] if key in known else measure(prog))
     floor = min(m for _, m in tried.values())
     if floor <= limit:
         prog, mem = min(tried.values(), key=lambda t: t[1])
@@ -430,37 +431,40 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
     # jax.checkpoint's policies, least recomputation first: recompute from kept dot
     # outputs (all, then those without batch dims), then from the carries alone.
     seg_base, scan_flops = base, 0.0
-    splan, seen = None, set()
+    seen, least = set(), None  # least: (bytes, plan, level) of the deepest level measuring least
+
+    def build_scan(k, splan):
+        return wrap(remat_scan.apply_scans(inner, splan, k))
     for keep in (remat_scan.KEEP_ORDER if ctx.option("remat_scan", True) else ()):
         splan = remat_scan.plan_scans(inner, keep)
-        same = (tuple(splan.order), tuple(splan.levels)) in seen  # e.g. no batched dots
-        seen.add((tuple(splan.order), tuple(splan.levels)))
-        if len(splan.levels) <= 1 or (same and keep != "none"):
-            splan = None
+        sig = (tuple(splan.order), tuple(splan.levels))
+        if len(splan.levels) <= 1 or sig in seen:  # nothing to drop, or as before
             continue
-
-        def build_scan(k, splan=splan):
-            return wrap(remat_scan.apply_scans(inner, splan, k))
+        seen.add(sig)
         k_all = splan.levels[-1][0]
-        m_all = measure(build_scan(k_all))
+        m_all = measure(build_scan(k_all, splan))
         stats.note(f"remat: {len(splan.pairs)} forward/backward scan pair(s), "
                    f"{len(splan.order)} stacked residuals to drop "
                    f"({analysis.fmt_bytes(splan.residual_bytes)}); deepest level "
                    f"({remat_scan.level_desc(splan, k_all)}): {analysis.fmt_bytes(m_all)}")
         if m_all <= budget_bytes * 1.05:
-            idx, prog, mem = remat_scan.choose_level(splan, build_scan, measure, base, m_all,
-                                                     budget_bytes, stats=stats)
+            idx, prog, mem = remat_scan.choose_level(
+                splan, functools.partial(build_scan, splan=splan), measure, base, m_all,
+                budget_bytes, stats=stats)
             k, _, fl = splan.levels[idx]
             remat_scan.apply_scans(inner, splan, k, stats)  # the notes and hits of the choice
             return _done(cj, prog, stats, f"solver scan-greedy ({remat_scan.level_desc(splan, k)})",
                          base, mem, budget_bytes, fl)
-    if splan is not None:  # the last mode (recompute from the carries) continues below
         if k_all != splan.base_k:  # chunking is chosen by the byte model: check XLA agrees
-            m_base = measure(build_scan(splan.base_k))
+            m_base = measure(build_scan(splan.base_k, splan))
             if m_base <= m_all:
                 stats.note(f"remat: chunked carries measure {analysis.fmt_bytes(m_all)}, no "
                            f"better than without ({analysis.fmt_bytes(m_base)}): not chunked")
                 k_all, m_all = splan.base_k, m_base
+        if least is None or m_all < least[0]:
+            least = (m_all, splan, k_all)
+    if least is not None:  # no mode meets the budget: segments continue from the least
+        m_all, splan, k_all = least
         inner = remat_scan.apply_scans(inner, splan, k_all, stats)
         seg_base, scan_flops = m_all, next(fl for k, _, fl in splan.levels if k == k_all)
     plan = build_plan(inner, backward_start(inner.jaxpr), max_cuts=ctx.option("remat_max_cuts", 128))

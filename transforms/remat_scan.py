@@ -321,14 +321,14 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set, stop=None):
         else:
             i = pos[v]
             outer = f.invars[i]
+            if ir.is_literal(outer):  # a literal const or xs: used as it is
+                in_atoms.append(outer)
+                continue
             key = ("c" if i < nc else "x", outer)
             if key in b_has:
                 in_atoms.append(b_has[key])
                 continue
             if i < nc:
-                if ir.is_literal(outer):
-                    in_atoms.append(outer)
-                    continue
                 nv = ir.new_var(v.aval)
                 new_const_in.append(nv)
                 new_const_outer.append(outer)
@@ -336,8 +336,7 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set, stop=None):
                 nv = ir.new_var(v.aval)
                 new_xs_in.append(nv)
                 new_xs_outer.append(outer)
-            if ir.is_var(outer):
-                b_has[key] = nv
+            b_has[key] = nv
             in_atoms.append(nv)
     cone = ir.make_jaxpr_from(fb, constvars=[], invars=list(leaves),
                               outvars=[r.body_var for r in dropped],
@@ -417,22 +416,29 @@ def sink_broadcasts(jaxpr, b):
     body = b.params["jaxpr"]
     bb = body.jaxpr
     lin = list(b.params.get("linear", (False,) * len(b.invars)))
+    found = [_broadcast_source(jaxpr, producer, a) if ir.is_var(a) else None
+             for a in b.invars[:nc]]
     keep_in, keep_body, keep_lin, pre, sub = [], [], [], [], {}
+    inside = {}  # outer operand -> body var: each source enters the loop once
     for p in range(nc):
-        a = b.invars[p]
-        found = _broadcast_source(jaxpr, producer, a) if ir.is_var(a) else None
-        if found is None:
-            keep_in.append(a)
+        if found[p] is None:
+            keep_in.append(b.invars[p])
             keep_body.append(bb.invars[p])
             keep_lin.append(lin[p])
+            if ir.is_var(b.invars[p]):
+                inside.setdefault(b.invars[p], bb.invars[p])
+    for p in range(nc):
+        if found[p] is None:
             continue
-        src, shape, dims = found
+        src, shape, dims = found[p]
         inner_src = src
         if ir.is_var(src):
-            inner_src = ir.new_var(src.aval)
-            keep_in.append(src)
-            keep_body.append(inner_src)
-            keep_lin.append(False)
+            if src not in inside:
+                inside[src] = ir.new_var(src.aval)
+                keep_in.append(src)
+                keep_body.append(inside[src])
+                keep_lin.append(False)
+            inner_src = inside[src]
         inl = ir.inline(lambda x, shape=shape, dims=dims: lax.broadcast_in_dim(x, shape, dims),
                         [inner_src])
         pre.extend(inl.eqns)

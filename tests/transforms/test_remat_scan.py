@@ -107,8 +107,10 @@ def test_backward_scan_takes_no_big_broadcast_nor_an_operand_twice(gpt_step):
     T = GPT["seq_len"]
     big = [a for a in b.invars[:nc] if a.aval.ndim > 2 and tuple(a.aval.shape[-2:]) == (T, T)]
     assert not big, [str(a.aval) for a in big]
-    assert any(e.primitive.name == "broadcast_in_dim"
-               for e in b.params["jaxpr"].jaxpr.eqns[:3])  # re-broadcast at the top
+    bb = b.params["jaxpr"].jaxpr
+    mask_in = [v for v in bb.invars[:nc] if v.aval.shape == (T, T) and v.aval.dtype == jnp.bool_]
+    assert any(e.primitive.name == "broadcast_in_dim" and e.invars[0] in mask_in
+               for e in bb.eqns)  # the mask, re-broadcast in the body
     ops = [a for a in b.invars if ir.is_var(a)]
     assert len(ops) == len(set(ops))
     assert all(a in producer or a in new.jaxpr.invars or a in new.jaxpr.constvars for a in ops)
@@ -142,6 +144,51 @@ def test_dots_kept_levels_recompute_from_kept_dots(gpt_step, keep):
     assert "dot" in remat_scan.level_desc(plan, k)
     with pytest.raises(ValueError, match="scan keep"):
         remat_scan.plan_scans(cj, "everything")
+
+
+def _masked_scan_grad(literal_scale=False):
+    """grad of a scan whose body reads two broadcasts of one small mask (and, optionally,
+    a scale that is a literal constant of the forward scan)."""
+    B, T = 8, 16
+
+    def loss(w, mask_small, s, xs):
+        m = jnp.broadcast_to(mask_small, (B, T, T))
+        m2 = jnp.broadcast_to(mask_small, (B, T, T))
+
+        def body(c, x):
+            a = jnp.einsum("bij,jk->bik", c, w) * s + x
+            a = jnp.where(m, a, -3.0)
+            return jnp.tanh(jnp.where(m2, jnp.sin(a), a)), None
+        c, _ = jax.lax.scan(body, jnp.ones((B, T, T)), xs)
+        return jnp.sum(c ** 2)
+    args = (jnp.eye(T) * 0.5, jnp.arange(T)[:, None] >= jnp.arange(T)[None, :],
+            jnp.float32(2.0), jnp.ones((5, B, T, T)) * 0.1)
+    cj = jax.make_jaxpr(jax.grad(loss))(*args)
+    if literal_scale:  # the scale reaches the scans as a literal
+        sv = cj.jaxpr.invars[2]
+        lit = ir.literal(np.float32(2.0), sv.aval)
+        eqns = [e.replace(invars=[lit if ir.is_var(a) and a is sv else a for a in e.invars])
+                for e in cj.jaxpr.eqns]
+        cj = ir.closed(ir.make_jaxpr_from(cj.jaxpr, eqns=eqns), cj.consts)
+    return cj, args, jax.grad(loss)(*args)
+
+
+@pytest.mark.parametrize("literal_scale", [False, True])
+@pytest.mark.parametrize("keep", remat_scan.KEEP_ORDER)
+def test_every_level_exact_sources_enter_once(keep, literal_scale):
+    cj, args, ref = _masked_scan_grad(literal_scale)
+    plan = remat_scan.plan_scans(cj, keep)
+    assert len(plan.levels) > 1
+    for k, _, _ in plan.levels[1:]:
+        new = remat_scan.apply_scans(cj, plan, k)
+        ir.check(new)
+        np.testing.assert_allclose(ir.eval_jaxpr(new, *args)[0], ref, rtol=1e-6)
+        b = new.jaxpr.eqns[plan.pairs[0].b]
+        ops = [a for a in b.invars if ir.is_var(a)]
+        assert len(ops) == len(set(ops))  # the mask's source once, though broadcast twice
+        nc, _, _ = ir.scan_layout(b)
+        assert not [a for a in b.invars[:nc] if a.aval.shape == (8, 16, 16)
+                    and a.aval.dtype == jnp.bool_]
 
 
 def test_rnn_step_rewritten_same_outputs(rnn_step):
