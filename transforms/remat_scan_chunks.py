@@ -175,6 +175,12 @@ def chunk_pair(f, b, ch: Chunking, L: int):
         fb, outvars=list(fb.outvars[:nk]) + [fb.outvars[nk + y] for y in keep_y]))
     f_fun = ir.jaxpr_as_fun(ir.closed(f_body, fcj.consts))
     S, regen, ci, xi = _regen_body(fb, nc, nk, [j for _, j in ch.stacks])
+    # F's consts B already takes are read from B's own (a value passed into a loop twice
+    # is copied)
+    bconst_at = {a: p for p, a in enumerate(b.invars[:bnc]) if ir.is_var(a)}
+    shared = {i: bconst_at[f.invars[i]] for i in ci
+              if ir.is_var(f.invars[i]) and f.invars[i] in bconst_at}
+    ci_in = [i for i in ci if i not in shared]
     regen_fun = ir.jaxpr_as_fun(ir.closed(regen, fcj.consts))
     b_fun = ir.jaxpr_as_fun(b.params["jaxpr"])
 
@@ -202,7 +208,9 @@ def chunk_pair(f, b, ch: Chunking, L: int):
     def b_new(*a):
         bconsts, bcarry = a[:bnc], list(a[bnc:bnc + bnk])
         a = a[bnc + bnk:]
-        fconsts, cks, xs = a[:len(ci)], a[len(ci):len(ci) + len(S)], a[len(ci) + len(S):]
+        extra, cks, xs = a[:len(ci_in)], a[len(ci_in):len(ci_in) + len(S)], a[len(ci_in) + len(S):]
+        given = dict(zip(ci_in, extra))
+        fconsts = [bconsts[shared[i]] if i in shared else given[i] for i in ci]
 
         def outer(cr, chunk):
             ck, xc = chunk
@@ -220,7 +228,7 @@ def chunk_pair(f, b, ch: Chunking, L: int):
         return [*cr, *map(joined, ys)]
 
     f_out = list(f.outvars[:nk]) + [f.outvars[nk + y] for y in keep_y]
-    b_in = list(b.invars[:bnc + bnk]) + [f.invars[i] for i in ci]  # + checkpoints, src
+    b_in = list(b.invars[:bnc + bnk]) + [f.invars[i] for i in ci_in]  # + checkpoints, src
     return (f_new, list(f.invars), f_out), (b_new, b_in, src, list(b.outvars))
 
 
