@@ -463,8 +463,8 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
                 k_all, m_all = splan.base_k, m_base
         if least is None or m_all < least[0]:
             least = (m_all, splan, k_all)
-    if least is not None:  # no mode meets the budget: segments continue from the least
-        m_all, splan, k_all = least
+    if least is not None and least[0] < base:  # no mode meets the budget: segments
+        m_all, splan, k_all = least                 # continue from the least measured
         inner = remat_scan.apply_scans(inner, splan, k_all, stats)
         seg_base, scan_flops = m_all, next(fl for k, _, fl in splan.levels if k == k_all)
     plan = build_plan(inner, backward_start(inner.jaxpr), max_cuts=ctx.option("remat_max_cuts", 128))
