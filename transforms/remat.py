@@ -278,7 +278,6 @@ def next_target(points, budget_bytes: int, model: float, mem: int):
     nearest points; else step along the slope of the last two points, aiming at the
     budget. ``model``/``mem``: the last plan's. None when nothing is left.
     """
-    aim = budget_bytes
     under = [p for p in points if p[1] <= budget_bytes]
     over = [p for p in points if p[1] > budget_bytes]
     if under and over:
@@ -286,17 +285,15 @@ def next_target(points, budget_bytes: int, model: float, mem: int):
         hi = min(over)                     # fewest model bytes that did not
         if hi[0] <= lo[0]:
             return None                    # not monotone here: the best found stands
-        t = lo[0] + (hi[0] - lo[0]) * ((aim - lo[1]) / (hi[1] - lo[1]) if hi[1] > lo[1] else 0.5)
+        t = lo[0] + (hi[0] - lo[0]) * (budget_bytes - lo[1]) / (hi[1] - lo[1])
         return min(max(t, lo[0] + 0.1 * (hi[0] - lo[0])), hi[0] - 0.1 * (hi[0] - lo[0]))
-    slope = None
+    slope = 1.0                            # no evidence yet: one model byte per measured byte
     if len(points) >= 2:
         (m1, x1), (m2, x2) = points[-2], points[-1]
         if m1 != m2 and (x2 - x1) / (m2 - m1) > 0.05:
             slope = (x2 - x1) / (m2 - m1)
-    if slope is None or slope <= 0.05:
-        slope = 1.0                        # no evidence yet: one model byte per measured byte
     if over:                               # over budget so far: tighten (0: least memory)
-        return max(0.0, model - (mem - aim) / slope)
+        return max(0.0, model - (mem - budget_bytes) / slope)
     return model + (budget_bytes - mem) / slope  # under budget: loosen to recompute less
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from graphopt import analysis, ir
 from graphopt.interpreter import Stats
 
-from .remat_plan import DOTS, Plan, build_plan, recomputable
+from .remat_plan import SAVED_BY, Plan, build_plan, recomputable
 from .remat_solvers import solve_greedy
 
 # Primitives whose VJP needs none of their inputs: their operands are not residuals.
@@ -174,12 +174,8 @@ def _checkpointable_scan(e) -> bool:
 
 def _saved_by(e, level: str) -> bool:
     """Whether the policy of ``level`` saves ``e``'s output (mirrors jax.checkpoint_policies)."""
-    if level == "dots_saveable":
-        return e.primitive.name in DOTS
-    if level == "dots_with_no_batch_dims_saveable" and e.primitive.name == "dot_general":
-        (_, _), (lb, rb) = e.params["dimension_numbers"]
-        return not lb and not rb
-    return False
+    saved = SAVED_BY[level]
+    return saved is not None and saved(e)
 
 
 def checkpoint_scans(cj: ir.ClosedJaxpr, level: str):

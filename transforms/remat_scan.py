@@ -40,7 +40,7 @@ from jax import lax
 
 from graphopt import analysis, ir
 
-from .remat_plan import recomputable
+from .remat_plan import SAVED_BY, recomputable
 from .remat_scan_chunks import Chunking, apply_chunks, plan_chunks
 
 
@@ -134,18 +134,12 @@ def find_pairs(jaxpr) -> list[ScanPair]:
     return [p for p in pairs if not (p.b in seen_b or seen_b.add(p.b))]
 
 
-def _is_dot(e) -> bool:
-    return e.primitive.name in ("dot_general", "conv_general_dilated")
-
-
-def _dot_without_batch_dims(e) -> bool:
-    return e.primitive.name == "dot_general" and not e.params["dimension_numbers"][1][0]
-
-
-# What a recomputation keeps rather than recomputes, like jax.checkpoint's policies:
+# What a recomputation keeps rather than recomputes, as jax.checkpoint's policies save:
 # "dots" ~ dots_saveable, "dots_no_batch" ~ dots_with_no_batch_dims_saveable, "none" ~
 # nothing_saveable. A kept dot output that is no residual is emitted by F, stacked.
-KEEP = {"dots": _is_dot, "dots_no_batch": _dot_without_batch_dims, "none": None}
+KEEP = {"dots": SAVED_BY["dots_saveable"],
+        "dots_no_batch": SAVED_BY["dots_with_no_batch_dims_saveable"],
+        "none": SAVED_BY["nothing_saveable"]}
 KEEP_ORDER = ("dots", "dots_no_batch", "none")  # least recomputation first
 _KEEP_DESC = {"dots": "dot outputs kept", "dots_no_batch": "dots without batch dims kept"}
 
