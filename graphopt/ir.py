@@ -409,6 +409,22 @@ def eval_jaxpr(cj: ClosedJaxpr, *args):
     return _core.eval_jaxpr(cj.jaxpr, cj.consts, *args)
 
 
+def bind_eqn(eqn, vals: Sequence, **param_updates) -> list:
+    """Run one equation on ``vals`` (arrays or tracers, one per invar, literals included)
+    with some params replaced: re-running a first-order equation at another shape
+    (a micro-batch) needs its shape params changed. Returns one value per outvar."""
+    if has_subjaxprs(eqn):
+        if param_updates:
+            raise ValueError(f"bind_eqn: cannot change params of {eqn.primitive} "
+                             "(it carries sub-jaxprs)")
+        ins = [new_var(aval_of(v)) for v in vals]
+        outs = [new_var(v.aval) for v in eqn.outvars]
+        one = Jaxpr([], ins, outs, [eqn.replace(invars=ins, outvars=outs)], eqn.effects)
+        return list(_core.eval_jaxpr(one, [], *vals))
+    out = eqn.primitive.bind(*vals, **{**eqn.params, **param_updates})
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
 def jaxpr_as_fun(cj: ClosedJaxpr) -> Callable:
     return _jex.jaxpr_as_fun(cj)
 

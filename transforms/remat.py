@@ -50,7 +50,7 @@ from graphopt import analysis, ir, progress
 from graphopt.interpreter import Stats
 from graphopt.passes import Pass, PassContext, PassResult, register_pass
 
-from . import remat_plan, remat_scan
+from . import remat_batch, remat_plan, remat_scan
 from .remat_plan import Plan, backward_start, build_plan, recomputed_segments
 from .remat_solvers import solve, solve_greedy
 
@@ -403,6 +403,7 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
         parse_budget(budget, 1)  # still reject a malformed budget
         return PassResult(cj, False, stats)
     inner, wrap = found
+    original = inner  # micro-batching (below the floor) streams the program as given
     if (any(ir.name_stack(e).split("/")[0] == "remat" for e in inner.jaxpr.eqns)
             or remat_scan.scan_rematerialized(inner.jaxpr)):
         # a fraction refers to the un-rematerialized program: never compound it
@@ -412,6 +413,10 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
     if how not in MEASURES:
         raise ValueError(f"remat: remat_measure must be one of {sorted(MEASURES)}, got {how!r}")
     measure = MEASURES[how]
+    micro = ctx.option("remat_micro_batches", "auto")
+    if micro not in ("auto", False) and not (type(micro) is int and micro > 1):
+        raise ValueError(f"remat: remat_micro_batches must be 'auto', False or a number of "
+                         f"micro-batches > 1, got {micro!r}")
     base = measure(cj)
     budget_bytes = parse_budget(budget, base)
     sched = "memory-aware" if analysis.memory_aware_scheduler_active() else \
@@ -465,11 +470,13 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
         inner = remat_scan.apply_scans(inner, splan, k_all, stats)
         seg_base, scan_flops = m_all, next(fl for k, _, fl in splan.levels if k == k_all)
     plan = build_plan(inner, backward_start(inner.jaxpr), max_cuts=ctx.option("remat_max_cuts", 128))
+    below_floor = functools.partial(_micro_batched, cj, original, wrap, measure, budget_bytes,
+                                    base, stats, micro)
     if not plan.segments:
         if seg_base < base:  # the scan rewrite is all there is
-            raise BudgetError(_infeasible_msg(budget_bytes, seg_base, base))
+            return below_floor(seg_base)
         stats.note("remat: no recomputable forward values reach the backward; nothing to drop")
-        return PassResult(cj, False, stats)
+        return below_floor(base)
 
     order = ctx.option("remat_order_backward", "auto")
     if order not in ("auto", True, False):
@@ -525,7 +532,7 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
             stats.note(f"remat: least-memory plan refined by dropping segments: "
                        f"{sum(cur)}/{len(chosen)} kept, {analysis.fmt_bytes(floor)}")
         if floor > budget_bytes * 1.05:
-            raise BudgetError(_infeasible_msg(budget_bytes, min(floor, seg_base), base))
+            return below_floor(min(floor, seg_base))
         prog = wrap(apply_post_ad(inner, plan, cur, stats, order_backward=order,
                                   narrow=narrow, skip_kept=skip))
         return _done(cj, prog, stats, "solver greedy+measured refinement", base, floor,
@@ -542,6 +549,40 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
                               narrow=narrow, skip_kept=skip))
     return _done(cj, prog, stats, f"solver {sol.solver} ({sol.seconds * 1e3:.1f} ms)", base,
                  mem, budget_bytes, _flops(inner, plan, sol.remat, skip) + scan_flops)
+
+
+def _micro_batched(cj, original, wrap, measure, budget_bytes, base, stats, option, floor):
+    """Below the floor of choosing what to keep: run the step over micro-batches
+    (:mod:`.remat_batch`), the fewest that meet the budget, or raise with the floor."""
+    if option is not False:
+        try:
+            an = remat_batch.analyse(original)
+            counts = remat_batch.micro_batch_counts(an.n)
+            if option != "auto":
+                if option not in counts:
+                    raise ValueError(f"remat: remat_micro_batches must be 'auto', False or a "
+                                     f"divisor of the batch ({counts}), got {option!r}")
+                counts = [option]
+        except remat_batch.Unstreamable as ex:
+            stats.note(f"remat: micro-batching not possible: {ex}")
+            counts = []
+        tried, keep_floor = [], floor
+        for k in counts:
+            prog = wrap(remat_batch.stream(original, k, an))
+            m = measure(prog)
+            tried.append(f"{k}: {analysis.fmt_bytes(m)}")
+            if m <= budget_bytes * 1.05:
+                stats.note(f"remat: no choice of what to keep reaches the budget (least "
+                           f"{analysis.fmt_bytes(keep_floor)}); the batch of {an.n} runs as "
+                           f"{k} micro-batches in {an.n_loops} loops, one per level of "
+                           f"reductions over the batch (measured " + ", ".join(tried) + ")")
+                stats.hit("remat.micro_batches", k)
+                return _done(cj, prog, stats, f"micro-batches ({k} x {an.n // k})", base, m,
+                             budget_bytes, an.recomputed_flops())
+            floor = min(floor, m)
+        if tried:
+            stats.note("remat: micro-batches measured " + ", ".join(tried))
+    raise BudgetError(_infeasible_msg(budget_bytes, floor, base))
 
 
 def _flops(cj, plan, remat, skip_kept) -> float:
