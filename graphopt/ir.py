@@ -413,15 +413,13 @@ def bind_eqn(eqn, vals: Sequence, **param_updates) -> list:
     """Run one equation on ``vals`` (arrays or tracers, one per invar, literals included)
     with some params replaced: re-running a first-order equation at another shape
     (a micro-batch) needs its shape params changed. Returns one value per outvar."""
-    if has_subjaxprs(eqn):
-        if param_updates:
-            raise ValueError(f"bind_eqn: cannot change params of {eqn.primitive} "
-                             "(it carries sub-jaxprs)")
-        ins = [new_var(aval_of(v)) for v in vals]
-        outs = [new_var(v.aval) for v in eqn.outvars]
-        one = Jaxpr([], ins, outs, [eqn.replace(invars=ins, outvars=outs)], eqn.effects)
-        return list(_core.eval_jaxpr(one, [], *vals))
-    out = eqn.primitive.bind(*vals, **{**eqn.params, **param_updates})
+    if has_subjaxprs(eqn) and param_updates:
+        raise ValueError(f"bind_eqn: cannot change params of {eqn.primitive} "
+                         "(it carries sub-jaxprs)")
+    # what jax.core.eval_jaxpr does per equation (JAX 0.10 and 0.11)
+    params = eqn.primitive.get_bind_params({**eqn.params, **param_updates})
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*vals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
 

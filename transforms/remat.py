@@ -414,9 +414,10 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
         raise ValueError(f"remat: remat_measure must be one of {sorted(MEASURES)}, got {how!r}")
     measure = MEASURES[how]
     micro = ctx.option("remat_micro_batches", "auto")
-    if micro not in ("auto", False) and not (type(micro) is int and micro > 1):
-        raise ValueError(f"remat: remat_micro_batches must be 'auto', False or a number of "
-                         f"micro-batches > 1, got {micro!r}")
+    if not (micro is True or micro is False or micro == "auto"
+            or (type(micro) is int and micro > 1)):  # `is`: 1 == True
+        raise ValueError(f"remat: remat_micro_batches must be 'auto', True, False or a number "
+                         f"of micro-batches > 1, got {micro!r}")
     base = measure(cj)
     budget_bytes = parse_budget(budget, base)
     sched = "memory-aware" if analysis.memory_aware_scheduler_active() else \
@@ -427,6 +428,11 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
         stats.note(f"remat: budget {analysis.fmt_bytes(budget_bytes)} >= the program's "
                    f"un-rematerialized temp memory {analysis.fmt_bytes(base)}: no-op")
         return PassResult(cj, False, stats)
+
+    micro = _MicroBatching(cj, original, wrap, measure, budget_bytes, base, stats, micro)
+    done = micro.first()
+    if done is not None:
+        return done
 
     # Scans first: their stacked residuals are most of the memory and cheap to recompute
     # per iteration; the segment plan then works on what the scan rewrite leaves. Like
@@ -470,13 +476,11 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
         inner = remat_scan.apply_scans(inner, splan, k_all, stats)
         seg_base, scan_flops = m_all, next(fl for k, _, fl in splan.levels if k == k_all)
     plan = build_plan(inner, backward_start(inner.jaxpr), max_cuts=ctx.option("remat_max_cuts", 128))
-    below_floor = functools.partial(_micro_batched, cj, original, wrap, measure, budget_bytes,
-                                    base, stats, micro)
     if not plan.segments:
         if seg_base < base:  # the scan rewrite is all there is
-            return below_floor(seg_base)
+            return micro.below_floor(seg_base)
         stats.note("remat: no recomputable forward values reach the backward; nothing to drop")
-        return below_floor(base)
+        return micro.below_floor(base)
 
     order = ctx.option("remat_order_backward", "auto")
     if order not in ("auto", True, False):
@@ -532,7 +536,7 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
             stats.note(f"remat: least-memory plan refined by dropping segments: "
                        f"{sum(cur)}/{len(chosen)} kept, {analysis.fmt_bytes(floor)}")
         if floor > budget_bytes * 1.05:
-            return below_floor(min(floor, seg_base))
+            return micro.below_floor(min(floor, seg_base))
         prog = wrap(apply_post_ad(inner, plan, cur, stats, order_backward=order,
                                   narrow=narrow, skip_kept=skip))
         return _done(cj, prog, stats, "solver greedy+measured refinement", base, floor,
@@ -551,38 +555,64 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
                  mem, budget_bytes, _flops(inner, plan, sol.remat, skip) + scan_flops)
 
 
-def _micro_batched(cj, original, wrap, measure, budget_bytes, base, stats, option, floor):
-    """Below the floor of choosing what to keep: run the step over micro-batches
-    (:mod:`.remat_batch`), the fewest that meet the budget, or raise with the floor."""
-    if option is not False:
-        try:
-            an = remat_batch.analyse(original)
-            counts = remat_batch.micro_batch_counts(an.n)
-            if option != "auto":
-                if option not in counts:
-                    raise ValueError(f"remat: remat_micro_batches must be 'auto', False or a "
-                                     f"divisor of the batch ({counts}), got {option!r}")
-                counts = [option]
-        except remat_batch.Unstreamable as ex:
-            stats.note(f"remat: micro-batching not possible: {ex}")
-            counts = []
-        tried, keep_floor = [], floor
+class _MicroBatching:
+    """Micro-batch streaming (:mod:`.remat_batch`) as the pass uses it: first, when it
+    recomputes nothing (every reduction over the batch in one loop: gradient
+    accumulation) or ``remat_micro_batches`` asks for it; otherwise below the floor of
+    choosing what to keep. The fewest micro-batches that meet the budget win."""
+
+    def __init__(self, cj, original, wrap, measure, budget_bytes, base, stats, option):
+        self.cj, self.original, self.wrap, self.measure = cj, original, wrap, measure
+        self.budget_bytes, self.base, self.stats, self.option = budget_bytes, base, stats, option
+        self.an, self.tried, self.why = None, {}, ""
+        if option is not False:
+            try:
+                self.an = remat_batch.analyse(original)
+            except remat_batch.Unstreamable as ex:
+                self.why = f"; micro-batching not possible: {ex}"
+                stats.note("remat:" + self.why[1:])
+        self.search = option is True or option == "auto"  # else: that many
+        if self.an is not None and not self.search and self.an.n % option:
+            raise ValueError(f"remat: remat_micro_batches={option} does not divide the batch "
+                             f"of {self.an.n}")
+
+    def _attempt(self, why: str) -> PassResult | None:
+        an = self.an
+        counts = remat_batch.micro_batch_counts(an.n) if self.search else [self.option]
         for k in counts:
-            prog = wrap(remat_batch.stream(original, k, an))
-            m = measure(prog)
-            tried.append(f"{k}: {analysis.fmt_bytes(m)}")
-            if m <= budget_bytes * 1.05:
-                stats.note(f"remat: no choice of what to keep reaches the budget (least "
-                           f"{analysis.fmt_bytes(keep_floor)}); the batch of {an.n} runs as "
-                           f"{k} micro-batches in {an.n_loops} loops, one per level of "
-                           f"reductions over the batch (measured " + ", ".join(tried) + ")")
-                stats.hit("remat.micro_batches", k)
-                return _done(cj, prog, stats, f"micro-batches ({k} x {an.n // k})", base, m,
-                             budget_bytes, an.recomputed_flops())
-            floor = min(floor, m)
-        if tried:
-            stats.note("remat: micro-batches measured " + ", ".join(tried))
-    raise BudgetError(_infeasible_msg(budget_bytes, floor, base))
+            if k not in self.tried:
+                prog = self.wrap(remat_batch.stream(self.original, k, an))
+                self.tried[k] = (self.measure(prog), prog)
+            m, prog = self.tried[k]
+            if m <= self.budget_bytes * 1.05:
+                flops = an.recomputed_flops()
+                self.stats.note(f"remat: {why}; the batch of {an.n} runs as {k} micro-batches "
+                                f"in {an.n_loops} loop(s), one per level of reductions over the "
+                                f"batch, recomputing {analysis.fmt_flops(flops)} (measured "
+                                + self._measured() + ")")
+                self.stats.hit("remat.micro_batches", k)
+                return _done(self.cj, prog, self.stats, f"micro-batches ({k} x {an.n // k})",
+                             self.base, m, self.budget_bytes, flops)
+        return None
+
+    def _measured(self) -> str:
+        return ", ".join(f"{k}: {analysis.fmt_bytes(m)}" for k, (m, _) in self.tried.items())
+
+    def first(self) -> PassResult | None:
+        if self.an is None or (self.option == "auto" and self.an.recomputed_flops() > 0):
+            return None
+        return self._attempt("micro-batches recompute nothing here (gradient accumulation)"
+                             if self.an.recomputed_flops() == 0 else "micro-batches asked for")
+
+    def below_floor(self, floor: int) -> PassResult:
+        if self.an is not None:
+            done = self._attempt(f"no choice of what to keep reaches the budget (least "
+                                 f"{analysis.fmt_bytes(floor)})")
+            if done is not None:
+                return done
+            self.stats.note("remat: micro-batches measured " + self._measured())
+            floor = min([floor] + [m for m, _ in self.tried.values()])
+        raise BudgetError(_infeasible_msg(self.budget_bytes, floor, self.base) + self.why)
 
 
 def _flops(cj, plan, remat, skip_kept) -> float:

@@ -42,13 +42,14 @@ class Unstreamable(Exception):
 
 
 # ------------------------------------------------------------------ rule table
-# rule(eqn, in_axes, n) -> (operand_axes, out_axes, reduction):
+# rule(eqn, in_axes, n) -> (operand_axes, outs[, base[, body]]):
 #   in_axes[i]: batch axis of operand i, or None when it is global;
 #   operand_axes[i]: the axis along which operand i is read per micro-batch (None:
 #     whole; a global with an axis is sliced or rebuilt at micro-batch size);
-#   out_axes: batch axis of each output (None: global);
-#   reduction: None, or how partial results combine across micro-batches
-#     ("sum", "max", "min", "scatter": a sum onto the operand, which is added once).
+#   outs[k]: batch axis of output k, or how its per-micro-batch values combine into the
+#     full-batch global ("sum", "max", "min"; "same": it does not depend on the batch);
+#   base: {output: operand} whose operand is zeros in micro-batch runs and is added
+#     once after the loop (a scatter-add's operand, a scan's accumulating carry).
 
 def _shape(a):
     return tuple(a.aval.shape) if ir.is_var(a) else tuple(getattr(ir.aval_of(a), "shape", ()))
@@ -78,7 +79,7 @@ def _aligned(e, in_axes, a, n):
 
 def _elementwise(e, in_axes, n):
     a = _common_axis(e, in_axes)
-    return _aligned(e, in_axes, a, n), [a] * len(e.outvars), None
+    return _aligned(e, in_axes, a, n), [a] * len(e.outvars)
 
 
 def _reduce(kind):
@@ -88,8 +89,8 @@ def _reduce(kind):
         if a in axes:
             if kind is None:
                 raise Unstreamable(f"{e.primitive} over the batch axis has no partial form")
-            return [a], [None], kind
-        return [a], [a - sum(x < a for x in axes)], None
+            return [a], [kind]
+        return [a], [a - sum(x < a for x in axes)]
     return rule
 
 
@@ -98,13 +99,13 @@ def _axis_param(name):
         a = _common_axis(e, in_axes)
         if e.params[name] == a:
             raise Unstreamable(f"{e.primitive} runs along the batch axis")
-        return _aligned(e, in_axes, a, n), [a] * len(e.outvars), None
+        return _aligned(e, in_axes, a, n), [a] * len(e.outvars)
     return rule
 
 
 def _broadcast_in_dim(e, in_axes, n):
     a = in_axes[0]
-    return [a] + [None] * (len(e.invars) - 1), [e.params["broadcast_dimensions"][a]], None
+    return [a] + [None] * (len(e.invars) - 1), [e.params["broadcast_dimensions"][a]]
 
 
 def _reshape_axis(in_shape, a, out_shape):
@@ -120,18 +121,18 @@ def _reshape(e, in_axes, n):
     b = _reshape_axis(_shape(e.invars[0]), a, _shape(e.outvars[0]))
     if b is None or e.params.get("dimensions") is not None:
         raise Unstreamable("reshape merges or splits the batch axis")
-    return [a] + [None] * (len(e.invars) - 1), [b], None
+    return [a] + [None] * (len(e.invars) - 1), [b]
 
 
 def _squeeze(e, in_axes, n):
     a = in_axes[0]
     dims = tuple(e.params["dimensions"])
-    return [a], [a - sum(d < a for d in dims)], None
+    return [a], [a - sum(d < a for d in dims)]
 
 
 def _transpose(e, in_axes, n):
     a = in_axes[0]
-    return [a], [tuple(e.params["permutation"]).index(a)], None
+    return [a], [tuple(e.params["permutation"]).index(a)]
 
 
 def _untouched(param, what):
@@ -140,7 +141,7 @@ def _untouched(param, what):
         a = _common_axis(e, in_axes)
         if not what(e.params[param], a, n):
             raise Unstreamable(f"{e.primitive} changes the batch axis ({param})")
-        return _aligned(e, in_axes, a, n), [a] * len(e.outvars), None
+        return _aligned(e, in_axes, a, n), [a] * len(e.outvars)
     return rule
 
 
@@ -150,7 +151,7 @@ def _slice(e, in_axes, n):
     if p["start_indices"][a] != 0 or p["limit_indices"][a] != n or \
             (p["strides"] and p["strides"][a] != 1):
         raise Unstreamable("slice cuts the batch axis")
-    return [a], [a], None
+    return [a], [a]
 
 
 def _dot_general(e, in_axes, n):
@@ -163,22 +164,22 @@ def _dot_general(e, in_axes, n):
             j = lc.index(al)
             if ar not in (None, rc[j]):
                 raise Unstreamable("dot_general contracts the batch with another axis")
-            return [al, rc[j]], [None], "sum"
+            return [al, rc[j]], ["sum"]
         if al in lb:
             j = lb.index(al)
             if ar not in (None, rb[j]):
                 raise Unstreamable("dot_general pairs the batch with another axis")
-            return [al, rb[j]], [j], None
+            return [al, rb[j]], [j]
         if ar is not None:
             raise Unstreamable("dot_general multiplies two batches (outer product)")
-        return [al, None], [len(lb) + lfree.index(al)], None
+        return [al, None], [len(lb) + lfree.index(al)]
     rfree = [d for d in range(nr) if d not in rc and d not in rb]
     if ar in rc:
-        return [lc[rc.index(ar)], ar], [None], "sum"
+        return [lc[rc.index(ar)], ar], ["sum"]
     if ar in rb:
         j = rb.index(ar)
-        return [lb[j], ar], [j], None
-    return [None, ar], [len(lb) + len(lfree) + rfree.index(ar)], None
+        return [lb[j], ar], [j]
+    return [None, ar], [len(lb) + len(lfree) + rfree.index(ar)]
 
 
 def _conv(e, in_axes, n):
@@ -186,9 +187,9 @@ def _conv(e, in_axes, n):
     al, ar = in_axes
     plain = e.params["feature_group_count"] == 1 and e.params["batch_group_count"] == 1
     if al == lhs_spec[0] and ar is None and e.params["batch_group_count"] == 1:
-        return [al, None], [out_spec[0]], None  # forward or input gradient
+        return [al, None], [out_spec[0]]  # forward or input gradient
     if plain and al == lhs_spec[1] and ar == rhs_spec[1]:
-        return [al, ar], [None], "sum"  # weight gradient: contracts the batch
+        return [al, ar], ["sum"]  # weight gradient: contracts the batch
     raise Unstreamable("conv_general_dilated reads the batch other than as its batch "
                        "dimension or a weight gradient's contraction")
 
@@ -210,7 +211,7 @@ def _gather(e, in_axes, n):
         a = None  # rows of a global table (an embedding lookup)
     n_out = len(_shape(e.outvars[0]))
     batch_dims = [d for d in range(n_out) if d not in dn.offset_dims]
-    return [a, ai], [batch_dims[ai]], None
+    return [a, ai], [batch_dims[ai]]
 
 
 def _scatter(add: bool):
@@ -227,10 +228,10 @@ def _scatter(add: bool):
             a = ob[ib.index(ai)]
             if ao not in (None, a):
                 raise Unstreamable(f"{e.primitive} operand batched along another axis")
-            return [a, ai, upd_scatter[ai]], [a], None
+            return [a, ai, upd_scatter[ai]], [a]
         if ao is not None or not add:
             raise Unstreamable(f"{e.primitive} into a global operand is not a sum")
-        return [None, ai, upd_scatter[ai]], [None], "scatter"  # e.g. embedding gradient
+        return [None, ai, upd_scatter[ai]], ["sum"], {0: 0}  # e.g. embedding gradient
     return rule
 
 
@@ -240,11 +241,69 @@ def _window(e, in_axes, n):
     if p["window_dimensions"][a] != 1 or p["window_strides"][a] != 1 or \
             tuple(p["padding"][a]) != (0, 0):
         raise Unstreamable(f"{e.primitive} windows over the batch axis")
-    return _aligned(e, in_axes, a, n), [a] * len(e.outvars), None
+    return _aligned(e, in_axes, a, n), [a] * len(e.outvars)
+
+
+def _scan(e, in_axes, n):
+    """A scan over batched operands: its body is classified like the program (a fixed
+    point: a carry or constant the body reads per example becomes batched); sums over
+    the batch inside the body (weight gradients) make the matching outputs sums."""
+    nc, nk, nx = ir.scan_layout(e)
+    body = ir.as_closed(e.params["jaxpr"])
+    eqns, outvars = _flatten(body.jaxpr)
+    invars = body.jaxpr.invars
+    if any(a == 0 for a in in_axes[nc + nk:]):
+        raise Unstreamable("scan runs over the batch axis")
+    b_in = list(in_axes[:nc + nk]) + [None if a is None else a - 1 for a in in_axes[nc + nk:]]
+    acc = set()  # carries that accumulate sums over the batch
+    for _ in range(len(invars) + nk + 2):
+        axis = {v: a for v, a in zip(invars, b_in) if a is not None}
+        partial = {invars[nc + c]: "sum" for c in acc}
+        how, aligned, wants = _classify(eqns, axis, n, partial)
+        changed = False
+        for v in wants - set(partial):
+            if v not in invars[nc:nc + nk]:
+                raise Unstreamable("scan body adds a global to a sum over the batch")
+            acc.add(invars.index(v) - nc)
+            changed = True
+        for j, v in enumerate(invars):
+            if v in aligned and b_in[j] is None:
+                if len(aligned[v]) > 1:
+                    raise Unstreamable("scan body reads an operand along two batch axes")
+                b_in[j] = next(iter(aligned[v]))
+                changed = True
+        for c in range(nk):
+            vo, j = outvars[c], nc + c
+            if ir.is_var(vo) and vo in partial and c not in acc:
+                acc.add(c)
+                changed = True
+            elif ir.is_var(vo) and vo in axis and b_in[j] is None:
+                b_in[j] = axis[vo]
+                changed = True
+            elif ir.is_var(vo) and vo in axis and b_in[j] != axis[vo] or \
+                    c in acc and not (ir.is_var(vo) and vo in partial):
+                raise Unstreamable("scan carry changes its batch axis")
+        if not changed:
+            break
+    if any(a == -1 for a in b_in):
+        raise Unstreamable("scan body slices its xs along the batch axis")
+
+    def out_of(v, shift):
+        if not ir.is_var(v):
+            return "same"
+        if v in axis:
+            return axis[v] + shift
+        return partial.get(v, "same")
+    outs = [out_of(v, 0) for v in outvars[:nk]] + [out_of(v, 1) for v in outvars[nk:]]
+    op_axes = b_in[:nc + nk] + [None if a is None else a + 1 for a in b_in[nc + nk:]]
+    base = {c: nc + c for c in acc}
+    return op_axes, outs, base, Body(eqns, outvars, how, axis, list(invars), body.consts)
 
 
 def _multi_identity(e, in_axes, n):  # optimization_barrier and the like: output i = operand i
-    return list(in_axes), list(in_axes), None
+    if any(a is None for a in in_axes):
+        raise Unstreamable(f"{e.primitive} holds batched and global values together")
+    return list(in_axes), list(in_axes)
 
 
 ELEMENTWISE = frozenset("""abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt
@@ -273,8 +332,15 @@ RULES = {
     "scatter-add": _scatter(True), "scatter_add": _scatter(True), "scatter": _scatter(False),
     "reduce_window_sum": _window, "reduce_window_max": _window,
     "reduce_window_min": _window, "select_and_scatter_add": _window,
-    "optimization_barrier": _multi_identity,
+    "optimization_barrier": _multi_identity, "scan": _scan,
 }
+
+# ops through which a per-iteration sum over the batch stays a sum (inside scan bodies):
+# the first operand is the sum, the others are global (or, for add/sub, sums too)
+_LINEAR = frozenset({"neg", "reshape", "transpose", "broadcast_in_dim", "convert_element_type",
+                     "reduce_sum", "squeeze", "copy", "copy_p", "mul", "div", "dot_general",
+                     "slice", "dynamic_slice", "rev"})
+_ADDITIVE = frozenset({"add", "add_any", "sub"})
 
 
 def _rebuildable(e, ax) -> bool:
@@ -306,37 +372,28 @@ def _micro_params(e, axes_in, axes_out, m) -> dict:
         sizes = list(e.params["slice_sizes"])
         sizes[b] = m
         return {"slice_sizes": tuple(sizes)}
-    if name == "iota":
-        shape = list(e.params["shape"])
-        shape[b] = m
-        return {"shape": tuple(shape)}
     return {}
 
 
 # ------------------------------------------------------------------ analysis
 
 @dataclasses.dataclass
-class Analysis:
-    eqns: list                  # the program's equations, calls inlined
+class How:
+    op_axes: list     # per operand: the axis it is read along per micro-batch, or None
+    outs: list        # per output: batch axis, or how micro-batch values combine
+    base: dict = dataclasses.field(default_factory=dict)  # output -> operand that is
+    # zeros per micro-batch and added once after the loop
+    body: "Body | None" = None  # a scan's classified body
+
+
+@dataclasses.dataclass
+class Body:
+    eqns: list
     outvars: list
-    n: int                      # batch size
-    batched_in: list            # per invar: batch axis or None
-    axis: dict                  # var -> batch axis of every batched var
-    how: dict                   # eqn index -> (operand_axes, out_axes, reduction)
-    loop_of: dict               # reduction eqn index -> loop (1-based)
-    out_loop: dict              # index of a batched outvar -> loop that emits it
-    n_loops: int
-    cone: dict                  # loop -> batched equations it recomputes, in order
-
-    @property
-    def reductions(self) -> int:
-        return len(self.loop_of)
-
-    def recomputed_flops(self) -> float:
-        """FLOPs run more than once: every loop recomputes its cone (all micro-batches
-        together are one full-batch pass), against one pass in the original."""
-        flops = {i: analysis.eqn_cost(self.eqns[i]).flops for c in self.cone.values() for i in c}
-        return float(sum(flops[i] for c in self.cone.values() for i in c) - sum(flops.values()))
+    how: dict
+    axis: dict
+    invars: list
+    consts: list
 
 
 def _flatten(jaxpr) -> tuple[list, list]:
@@ -361,6 +418,92 @@ def _flatten(jaxpr) -> tuple[list, list]:
     return out, [sub.get(v, v) if ir.is_var(v) else v for v in jaxpr.outvars]
 
 
+def _classify(eqns, axis: dict, n: int, partial: dict | None):
+    """Rule per equation reading a batched value (others are global); fills ``axis``
+    with every batched var. ``partial`` (inside a scan body; None at the top level)
+    collects sums over the batch, which may only flow through linear ops.
+    Returns (how per equation index, {global var: axes it is read along}, global vars
+    added to sums)."""
+    how, aligned, wants = {}, {}, set()
+    for i, e in enumerate(eqns):
+        in_axes = [axis.get(a) if ir.is_var(a) else None for a in e.invars]
+        if partial is not None and any(ir.is_var(a) and a in partial for a in e.invars):
+            wants.update(_check_linear(e, partial, in_axes))
+            partial.update((v, "sum") for v in e.outvars)
+            continue
+        if all(a is None for a in in_axes):
+            continue
+        if ir.effectful(e) or e.primitive.name in ir.RANDOM_PRIMITIVES:
+            raise Unstreamable(f"{e.primitive} (effectful or random) reads a batched value")
+        rule = RULES.get(e.primitive.name)
+        if rule is None:
+            raise Unstreamable(f"no batch rule for {e.primitive}, which reads a batched value")
+        h = How(*rule(e, in_axes, n))
+        # params hold numpy ints (broadcast_dimensions): plain ints from here on
+        h.op_axes = [None if x is None else int(x) for x in h.op_axes]
+        h.outs = [x if x is None or isinstance(x, str) else int(x) for x in h.outs]
+        for x, ax in zip(e.invars, h.op_axes):
+            if ax is not None and _shape(x)[ax] != n:
+                raise Unstreamable(f"{e.primitive}: operand axis {ax} is not the batch")
+            if ax is not None and ir.is_var(x) and x not in axis:
+                aligned.setdefault(x, set()).add(ax)
+        for v, o in zip(e.outvars, h.outs):
+            if o is None:
+                raise Unstreamable(f"{e.primitive} drops the batch axis")
+            if isinstance(o, int):
+                axis[v] = o
+            elif partial is not None:
+                if o not in ("sum", "same"):
+                    raise Unstreamable(f"{e.primitive}: a {o} over the batch inside a loop body")
+                if o == "sum":
+                    partial[v] = "sum"
+        how[i] = h
+    return how, aligned, wants
+
+
+def _check_linear(e, partial, in_axes) -> list:
+    """Raise unless ``e`` keeps a per-iteration sum over the batch a sum; returns the
+    global operands an addition adds to it (fine only if they are sums too: a scan's
+    accumulating carry, which the scan rule then marks)."""
+    parts = [ir.is_var(a) and a in partial for a in e.invars]
+    name = e.primitive.name
+    if not any(a is not None for a in in_axes):
+        if name in _ADDITIVE and all(p or ir.is_var(a) for p, a in zip(parts, e.invars)):
+            return [a for p, a in zip(parts, e.invars) if not p]
+        if name == "convert_element_type" and not all(
+                jnp.issubdtype(x.aval.dtype, jnp.floating) for x in (e.invars[0], e.outvars[0])):
+            pass  # a sum of integer conversions is not the conversion of the sum
+        elif name in _LINEAR and sum(parts) == 1 and (parts[0] or name in ("mul", "dot_general")):
+            return []
+    raise Unstreamable(f"{e.primitive} of a per-iteration sum over the batch is not linear")
+
+
+@dataclasses.dataclass
+class Analysis:
+    eqns: list                  # the program's equations, calls inlined
+    outvars: list
+    n: int                      # batch size
+    batched_in: list            # per invar: batch axis or None
+    axis: dict                  # var -> batch axis of every batched var
+    how: dict                   # eqn index -> How (equations reading batched values)
+    loop_of: dict               # eqn index with combined outputs -> loop (1-based)
+    out_loop: dict              # index of a batched outvar -> loop that emits it
+    n_loops: int
+    cone: dict                  # loop -> batched equations it recomputes, in order
+
+    @property
+    def reductions(self) -> int:
+        return len(self.loop_of)
+
+    def recomputed_flops(self) -> float:
+        """FLOPs run more than once: every loop recomputes its cone and its reductions
+        (all micro-batches together are one full-batch pass), against one pass before."""
+        runs = [i for j in self.cone for i in sorted(set(self.cone[j]) | {
+            i for i, lp in self.loop_of.items() if lp == j})]
+        flops = {i: analysis.eqn_cost(self.eqns[i]).flops for i in runs}
+        return float(sum(flops[i] for i in runs) - sum(flops.values()))
+
+
 def batch_inputs(jaxpr) -> tuple[int, list]:
     """(batch size, per invar: 0 when batched along its leading axis, else None):
     the trailing run of invars whose leading dimension has the last invar's size."""
@@ -379,57 +522,41 @@ def batch_inputs(jaxpr) -> tuple[int, list]:
 
 
 def analyse(cj: ir.ClosedJaxpr) -> Analysis:
-    """Classify every equation as global, batched or a reduction over the batch, and
-    give each reduction its loop. Raises :class:`Unstreamable` naming the obstacle."""
+    """Classify every equation as global, batched or combining over the batch, and give
+    each combining one its loop. Raises :class:`Unstreamable` naming the obstacle."""
     jaxpr = cj.jaxpr
     n, batched_in = batch_inputs(jaxpr)
     eqns, outvars = _flatten(jaxpr)
+    bad = next((e for e in eqns if ir.effectful(e)), None)
+    if bad is not None:  # loops would reorder it against the rest
+        raise Unstreamable(f"{bad.primitive} has effects")
     axis = {v: a for v, a in zip(jaxpr.invars, batched_in) if a is not None}
-    glevel: dict = {}   # global var -> loops it waits for
-    blevel = dict.fromkeys(axis, 0)   # batched var -> loops its inputs wait for
-    how, loop_of = {}, {}
-
-    def lvl(a):
-        if not ir.is_var(a):
-            return 0
-        return blevel[a] if a in axis else glevel.get(a, 0)
+    how, _, _ = _classify(eqns, axis, n, None)
+    level = dict.fromkeys(axis, 0)  # var -> loops it waits for
+    same = {}  # batch-independent outputs: a loop's later equations read them at once
+    loop_of = {}
     for i, e in enumerate(eqns):
-        in_axes = [axis.get(a) if ir.is_var(a) else None for a in e.invars]
-        need = max((lvl(a) for a in e.invars), default=0)
-        if all(a is None for a in in_axes):
-            for v in e.outvars:
-                glevel[v] = need
-            continue
-        if ir.effectful(e) or e.primitive.name in ir.RANDOM_PRIMITIVES:
-            raise Unstreamable(f"{e.primitive} (effectful or random) reads a batched value")
-        rule = RULES.get(e.primitive.name)
-        if rule is None:
-            raise Unstreamable(f"no batch rule for {e.primitive}, which reads a batched value")
-        op_axes, out_axes, red = rule(e, in_axes, n)
-        for x, ax in zip(e.invars, op_axes):
-            if ax is not None and _shape(x)[ax] != n:
-                raise Unstreamable(f"{e.primitive}: operand axis {ax} is not the batch")
-        how[i] = (op_axes, out_axes, red)
-        if red is not None:
+        h = how.get(i)
+        lv = level if h is None else {**level, **same}
+        need = max((lv.get(a, 0) for a in e.invars if ir.is_var(a)), default=0)
+        if h is not None and any(isinstance(o, str) for o in h.outs):
             loop_of[i] = need + 1
-            for v in e.outvars:
-                glevel[v] = need + 1
-        else:
-            for v, ax in zip(e.outvars, out_axes):
-                if ax is None:
-                    raise Unstreamable(f"{e.primitive} drops the batch axis")
-                axis[v] = ax
-                blevel[v] = need
-    out_loop = {j: lvl(v) + 1 for j, v in enumerate(outvars) if ir.is_var(v) and v in axis}
-    n_loops = max([*loop_of.values(), *out_loop.values(), 0])
+        for k, v in enumerate(e.outvars):
+            o = h.outs[k] if h is not None else None
+            level[v] = need + isinstance(o, str)
+            if o == "same":
+                same[v] = need
+    out_loop = {j: level.get(v, 0) + 1 for j, v in enumerate(outvars)
+                if ir.is_var(v) and v in axis}
     if not loop_of:
         raise Unstreamable("nothing reduces over the batch")
+    n_loops = max([*loop_of.values(), *out_loop.values()])
     return Analysis(eqns, outvars, n, batched_in, axis, how, loop_of, out_loop, n_loops,
-                    _cones(eqns, outvars, axis, loop_of, out_loop, n_loops))
+                    _cones(eqns, outvars, {**axis, **same}, loop_of, out_loop, n_loops))
 
 
 def _cones(eqns, outvars, axis, loop_of, out_loop, n_loops) -> dict:
-    """Per loop, the batched equations its reductions and batched outputs read."""
+    """Per loop, the batched equations its combining equations and batched outputs read."""
     producer = {v: i for i, e in enumerate(eqns) for v in e.outvars}
     cone = {}
     for j in range(1, n_loops + 1):
@@ -450,16 +577,77 @@ def _cones(eqns, outvars, axis, loop_of, out_loop, n_loops) -> dict:
 # ------------------------------------------------------------------ rewrite
 
 def _combine(kind, acc, part):
-    if kind in ("sum", "scatter"):
+    if kind == "sum":
         return acc + part
+    if kind == "same":
+        return part
     return jnp.maximum(acc, part) if kind == "max" else jnp.minimum(acc, part)
 
 
 def _init(kind, aval):
-    if kind in ("sum", "scatter"):
+    if kind in ("sum", "same"):
         return jnp.zeros(aval.shape, aval.dtype)
     big = jnp.inf if jnp.issubdtype(aval.dtype, jnp.floating) else jnp.iinfo(aval.dtype).max
     return jnp.full(aval.shape, -big if kind == "max" else big, aval.dtype)
+
+
+class _Micro:
+    """Re-runs classified equations on micro-batch ``idx`` (a tracer) of size ``m``."""
+
+    def __init__(self, m: int, idx):
+        self.m, self.idx = m, idx
+
+    def run(self, eqns, how, axis, env, order):
+        """Evaluate ``eqns[i]`` for ``i`` in ``order`` into ``env``: batched vars hold
+        micro-batch values, global vars whole ones."""
+        producer = {v: i for i, e in enumerate(eqns) for v in e.outvars}
+        memo: dict = {}
+
+        def read(a):
+            return ir.literal_value(a) if ir.is_literal(a) else env[a]
+
+        def micro_global(v, ax):
+            # a global with a batch-sized axis read per example: rebuilt when it is a
+            # broadcast (zeros, a scalar), else sliced
+            if (v, ax) not in memo:
+                i = producer.get(v)
+                if i is not None and _rebuildable(eqns[i], ax):
+                    e = eqns[i]
+                    memo[v, ax] = ir.bind_eqn(e, [read(a) for a in e.invars],
+                                              **_micro_params(e, [], [ax], self.m))[0]
+                else:
+                    memo[v, ax] = lax.dynamic_slice_in_dim(env[v], self.idx * self.m,
+                                                           self.m, axis=ax)
+            return memo[v, ax]
+
+        for i in order:
+            e, h = eqns[i], how.get(i)
+            if h is None:  # global (or a sum flowing through a linear op): as it is
+                env.update(zip(e.outvars, ir.bind_eqn(e, [read(a) for a in e.invars])))
+                continue
+            vals = [read(a) if ax is None or not ir.is_var(a) else
+                    env[a] if a in axis else micro_global(a, ax)
+                    for a, ax in zip(e.invars, h.op_axes)]
+            for j in set(h.base.values()):
+                vals[j] = jnp.zeros_like(vals[j])
+            if h.body is not None:
+                outs = self.scan(e, h.body, vals)
+            else:
+                outs = ir.bind_eqn(e, vals, **_micro_params(e, h.op_axes, h.outs, self.m))
+            env.update(zip(e.outvars, outs))
+
+    def scan(self, e, body: Body, vals):
+        nc, nk, _ = ir.scan_layout(e)
+
+        def step(carry, xs):
+            env = dict(zip(body.invars, list(vals[:nc]) + list(carry) + list(xs)))
+            self.run(body.eqns, body.how, body.axis, env, range(len(body.eqns)))
+            outs = [ir.literal_value(v) if ir.is_literal(v) else env[v] for v in body.outvars]
+            return outs[:nk], outs[nk:]
+        carry, ys = lax.scan(step, list(vals[nc:nc + nk]), list(vals[nc + nk:]),
+                             length=e.params["length"], reverse=e.params["reverse"],
+                             unroll=e.params["unroll"])
+        return list(carry) + list(ys)
 
 
 def stream(cj: ir.ClosedJaxpr, k: int, an: Analysis | None = None) -> ir.ClosedJaxpr:
@@ -469,85 +657,50 @@ def stream(cj: ir.ClosedJaxpr, k: int, an: Analysis | None = None) -> ir.ClosedJ
         raise ValueError(f"remat: {k} micro-batches do not divide the batch of {an.n}")
     m = an.n // k
     eqns, jaxpr = an.eqns, cj.jaxpr
-    producer = {v: i for i, e in enumerate(eqns) for v in e.outvars}
 
     def run(*args):
         env = dict(zip(jaxpr.constvars, cj.consts))
         env.update(zip(jaxpr.invars, args))
-
-        def read(a):
-            return ir.literal_value(a) if ir.is_literal(a) else env[a]
-        done_global = set()
+        done = set()
 
         def run_globals():  # every global equation whose inputs exist by now, in order
             for i, e in enumerate(eqns):
-                if i in an.how or i in done_global:
-                    continue
-                if all(not ir.is_var(a) or a in env for a in e.invars):
-                    done_global.add(i)
-                    for v, x in zip(e.outvars, ir.bind_eqn(e, [read(a) for a in e.invars])):
-                        env[v] = x
+                if i not in an.how and i not in done and \
+                        all(not ir.is_var(a) or a in env for a in e.invars):
+                    done.add(i)
+                    env.update(zip(e.outvars, ir.bind_eqn(
+                        e, [ir.literal_value(a) if ir.is_literal(a) else env[a]
+                            for a in e.invars])))
         xs_in = [(v, a.reshape((k, m) + a.shape[1:])) for v, a, ax in
                  zip(jaxpr.invars, args, an.batched_in) if ax is not None]
         for j in range(1, an.n_loops + 1):
             run_globals()
             reds = [i for i, lp in an.loop_of.items() if lp == j]
+            comb = [(i, kd, v) for i in reds for kd, v in zip(an.how[i].outs, eqns[i].outvars)
+                    if isinstance(kd, str)]
             outs = [o for o, lp in an.out_loop.items() if lp == j]
-            init = [_init(an.how[i][2], v.aval) for i in reds for v in eqns[i].outvars]
 
-            def body(acc, xs, reds=reds, outs=outs, j=j):
-                idx, slices = xs[0], xs[1:]
-                benv = dict(zip([v for v, _ in xs_in], slices))
-                memo: dict = {}
-
-                def micro_global(v, ax):
-                    """A global with a batch-sized axis, at micro-batch size: rebuilt
-                    when it is a broadcast (zeros, a scalar), else sliced."""
-                    if ir.is_literal(v):
-                        return ir.literal_value(v)
-                    key = (v, ax)
-                    if key not in memo:
-                        i = producer.get(v)
-                        e = eqns[i] if i is not None else None
-                        if e is not None and _rebuildable(e, ax):
-                            memo[key] = ir.bind_eqn(e, [read(a) for a in e.invars],
-                                                    **_micro_params(e, [], [ax], m))[0]
-                        else:
-                            memo[key] = lax.dynamic_slice_in_dim(env[v], idx * m, m, axis=ax)
-                    return memo[key]
-
-                def operand(a, ax):
-                    if ax is None or not ir.is_var(a):
-                        return read(a)
-                    return benv[a] if a in an.axis else micro_global(a, ax)
-
-                def run_eqn(i):
-                    e = eqns[i]
-                    op_axes, out_axes, red = an.how[i]
-                    vals = [operand(a, ax) for a, ax in zip(e.invars, op_axes)]
-                    if red == "scatter":  # sum onto zeros; the operand is added once
-                        vals[0] = jnp.zeros_like(vals[0])
-                    upd = _micro_params(e, op_axes, out_axes, m) if red is None else {}
-                    return ir.bind_eqn(e, vals, **upd)
-                for i in an.cone[j]:
-                    benv.update(zip(eqns[i].outvars, run_eqn(i)))
-                parts = [p for i in reds for p in run_eqn(i)]
-                kinds = [an.how[i][2] for i in reds for _ in eqns[i].outvars]
-                acc = [_combine(kd, a, p) for kd, a, p in zip(kinds, acc, parts)]
+            def body(acc, xs, reds=reds, comb=comb, outs=outs, j=j):
+                benv = dict(env)
+                benv.update(zip([v for v, _ in xs_in], xs[1:]))
+                order = sorted(set(an.cone[j]) | set(reds))
+                _Micro(m, xs[0]).run(eqns, an.how, an.axis, benv, order)
+                acc = [_combine(kd, a, benv[v]) for (_, kd, v), a in zip(comb, acc)]
                 return acc, [benv[an.outvars[o]] for o in outs]
+            init = [_init(kd, v.aval) for _, kd, v in comb]
             with jax.named_scope(f"remat/stream{j}"):
                 acc, ys = lax.scan(body, init, [jnp.arange(k)] + [x for _, x in xs_in])
-            flat = [(i, v) for i in reds for v in eqns[i].outvars]
-            for (i, v), a in zip(flat, acc):
-                if an.how[i][2] == "scatter":
-                    a = a + read(eqns[i].invars[0])
+            for (i, kd, v), a in zip(comb, acc):
+                base = an.how[i].base.get(eqns[i].outvars.index(v))
+                if base is not None:
+                    x = eqns[i].invars[base]
+                    a = a + (ir.literal_value(x) if ir.is_literal(x) else env[x])
                 env[v] = a.astype(v.aval.dtype)
             for o, y in zip(outs, ys):
-                b = an.axis[an.outvars[o]]
-                y = jnp.moveaxis(y, 0, b)  # [.., k, m, ..] -> the batch axis of n rows
-                env[an.outvars[o]] = y.reshape(an.outvars[o].aval.shape)
+                v = an.outvars[o]
+                env[v] = jnp.moveaxis(y, 0, an.axis[v]).reshape(v.aval.shape)
         run_globals()
-        return [read(v) for v in an.outvars]
+        return [ir.literal_value(v) if ir.is_literal(v) else env[v] for v in an.outvars]
 
     new = ir.trace_flat(run, [v.aval for v in jaxpr.invars])
     return ir.closed(ir.dce_same_interface(new.jaxpr), new.consts)

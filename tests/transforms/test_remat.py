@@ -35,6 +35,8 @@ def step():
 def _run(cj, budget, **opts):
     # the liveness estimate: deterministic whatever XLA flags this process started with
     opts.setdefault("remat_measure", "estimate")
+    # these tests are about choosing what to keep (micro-batching: test_remat_batch.py)
+    opts.setdefault("remat_micro_batches", False)
     return remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": budget, **opts}))
 
 
@@ -175,7 +177,8 @@ _MEASURE = textwrap.dedent("""
     base = remat.xla_temp(cj)
     out = [base]
     for frac in (0.75, 0.5, 0.3):
-        r = remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": frac}))
+        r = remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": frac,
+                                                         "remat_micro_batches": False}))
         out.append(remat.xla_temp(r.jaxpr))
     print("RESULT", *out)
 """)

@@ -1,0 +1,193 @@
+"""Micro-batch streaming (transforms/remat_batch.py) and its place in the post-AD remat pass."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from graphopt import ir, testing
+from graphopt.models import cnn, gpt, mlp, rnn
+from graphopt.passes import PassContext
+from graphopt.transforms import remat, remat_batch
+
+K = jax.random.PRNGKey(0)
+CNN = dict(batch=8, height=16, width=16, in_channels=3, channels=(8, 16), classes=10)
+
+
+def _step(name):
+    if name == "cnn":
+        p = cnn.init(K, **CNN)
+        return cnn.train_step, (p, cnn.init_opt_state(p), cnn.example_batch(K, **CNN))
+    if name == "mlp":
+        s = dict(depth=3, width=32, batch=4, T=16)
+        p = mlp.init_deep(K, **s)
+        return mlp.train_step_deep, (p, mlp.init_opt_state(p), mlp.example_batch_deep(K, **s))
+    if name in ("gpt", "gpt_scan"):
+        g = dict(n_layers=2, d_model=32, n_heads=4, seq_len=16, vocab=64, batch=4)
+        scan = name == "gpt_scan"
+        p = gpt.init(K, **g, scan_layers=scan)
+        b = gpt.example_batch(K, batch=4, seq_len=16, vocab=64)
+        return gpt.make_train_step(gpt.optimizer(), scan_layers=scan), (p, gpt.init_opt_state(p), b)
+    r = dict(batch=4, T=8, in_dim=3, hidden=16, out_dim=2)
+    p = rnn.init(K, **r)
+    return rnn.train_step, (p, rnn.init_opt_state(p), rnn.example_batch(K, **r))
+
+
+def _outputs(cj, flat):
+    return jax.jit(ir.jaxpr_as_fun(cj))(*flat)
+
+
+def _assert_same(cj, new, flat, tol):
+    for x, y in zip(_outputs(cj, flat), _outputs(new, flat)):
+        assert testing.max_rel_error(x, y) <= tol
+
+
+def _top_scans(cj):
+    return [e for e in cj.jaxpr.eqns if e.primitive.name == "scan"]
+
+
+@pytest.mark.parametrize("name", ["mlp", "gpt", "gpt_scan", "rnn"])
+def test_gradient_accumulation_recomputes_nothing(name):
+    # no batch norm: the loss and every gradient are sums over the batch reached in one
+    # loop, so streaming is gradient accumulation (nothing runs twice)
+    step, args = _step(name)
+    cj = jax.make_jaxpr(step)(*args)
+    an = remat_batch.analyse(cj)
+    assert an.n == 4 and an.n_loops == 1 and an.recomputed_flops() == 0
+    flat = jax.tree_util.tree_leaves(args)
+    for k in (2, 4):
+        new = remat_batch.stream(cj, k, an)
+        ir.check(new)
+        (loop,) = _top_scans(new)
+        assert loop.params["length"] == k
+        _assert_same(cj, new, flat, 2e-5)  # params after Adam, opt state, loss
+
+
+def test_scan_weight_gradients_become_sums():
+    # the RNN's weights are scan consts: their gradients accumulate in the backward scan's
+    # carries, which must start from zero per micro-batch and get their init added once
+    step, args = _step("rnn")
+    an = remat_batch.analyse(jax.make_jaxpr(step)(*args))
+    scans = [h for i, h in an.how.items() if an.eqns[i].primitive.name == "scan"]
+    assert any(h.base for h in scans) and any("sum" in h.outs for h in scans)
+
+
+def test_embedding_gradient_is_a_scatter_sum():
+    step, args = _step("gpt")
+    an = remat_batch.analyse(jax.make_jaxpr(step)(*args))
+    scat = [h for i, h in an.how.items() if an.eqns[i].primitive.name.startswith("scatter")]
+    assert any(h.outs == ["sum"] and h.base == {0: 0} for h in scat)
+
+
+def test_batch_norm_cnn_streams_in_loops_and_shrinks():
+    step, args = _step("cnn")
+    cj = jax.make_jaxpr(step)(*args)
+    an = remat_batch.analyse(cj)
+    # BN0 mean, BN0 var, BN1 mean, BN1 var, loss + head/BN1 backward sums, ... conv0 grad
+    assert an.n_loops >= 7 and an.recomputed_flops() > 0
+    flat = jax.tree_util.tree_leaves(args)
+    act = CNN["batch"] * CNN["height"] * CNN["width"]
+    for k in (2, 4):
+        new = remat_batch.stream(cj, k, an)
+        assert len(_top_scans(new)) == an.n_loops
+        # no activation outside the loops (the inputs reshaped to [k, n/k, ...] aside)
+        assert all(np.prod(v.aval.shape) < act for e in new.jaxpr.eqns
+                   if e.primitive.name not in ("scan", "reshape") for v in e.outvars)
+        _assert_same(cj, new, flat, 1e-4)  # params after Adam's first step amplify rounding
+    # gradients themselves, float32 summation order only
+    loss_grad = jax.grad(cnn.loss)
+    gj = jax.make_jaxpr(loss_grad)(args[0], args[2])
+    gflat = jax.tree_util.tree_leaves((args[0], args[2]))
+    _assert_same(gj, remat_batch.stream(gj, 4), gflat, 1e-4)
+    assert remat.xla_temp(remat_batch.stream(cj, 4, an)) <= 0.5 * remat.xla_temp(cj)
+
+
+def test_pass_micro_batches_below_the_keep_floor():
+    step, args = _step("cnn")
+    cj = jax.make_jaxpr(step)(*args)
+    base = remat.xla_temp(cj)
+    res = remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": 0.25}))
+    assert res.changed and res.stats.hits["remat.micro_batches"] >= 2
+    assert any("no choice of what to keep reaches the budget" in n for n in res.stats.notes)
+    assert remat.xla_temp(res.jaxpr) <= 0.25 * base * 1.05
+    _assert_same(cj, res.jaxpr, jax.tree_util.tree_leaves(args), 1e-4)
+    with pytest.raises(remat.BudgetError, match=r"smallest feasible budget is \d+ bytes"):
+        remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": 0.25,
+                                                     "remat_micro_batches": False}))
+
+
+def test_pass_prefers_micro_batches_that_recompute_nothing():
+    step, args = _step("mlp")
+    cj = jax.make_jaxpr(step)(*args)
+    base = remat.xla_temp(cj)
+    res = remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": 0.5}))
+    assert res.changed and res.stats.hits["remat.flops_recomputed"] == 0
+    assert any("gradient accumulation" in n for n in res.stats.notes)
+    assert remat.xla_temp(res.jaxpr) <= 0.5 * base * 1.05
+    again = remat.remat_pass(res.jaxpr, PassContext("post-AD", {"memory_budget": 0.5}))
+    assert not again.changed  # a fraction never compounds
+    _assert_same(cj, res.jaxpr, jax.tree_util.tree_leaves(args), 2e-5)
+
+
+def _mixing_step(mix):
+    def step(w, x):
+        def loss(w):
+            h = x
+            for _ in range(4):  # layers enough for the pass to choose what to keep
+                h = jnp.tanh(h @ w)
+            return jnp.mean(mix(h) ** 2)
+        g = jax.grad(loss)(w)
+        return w - 0.1 * g
+    w = jax.random.normal(K, (64, 64)) / 8
+    x = jax.random.normal(K, (32, 64))
+    return step, (w, x)
+
+
+@pytest.mark.parametrize("mix, word", [
+    (lambda h: jnp.cumsum(h, axis=0), "cumsum"),           # runs along the batch
+    (lambda h: h @ h.T, "dot_general"),                    # example x example
+    (lambda h: jnp.sort(h, axis=0), "sort"),
+])
+def test_programs_mixing_examples_are_refused_by_name(mix, word):
+    step, args = _mixing_step(mix)
+    cj = jax.make_jaxpr(step)(*args)
+    with pytest.raises(remat_batch.Unstreamable, match=word):
+        remat_batch.analyse(cj)
+    # the pass goes on with choosing what to keep; its error says why it did not stream
+    with pytest.raises(remat.BudgetError, match=f"micro-batching not possible: {word}"):
+        remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": 0.5,
+                                                     "remat_measure": "estimate"}))
+
+
+def test_effects_are_refused():
+    def step(w, x):
+        def loss(w):
+            jax.debug.print("w {}", w[0, 0])
+            return jnp.mean(jnp.tanh(x @ w) ** 2)
+        return w - 0.1 * jax.grad(loss)(w)
+    cj = jax.make_jaxpr(step)(jnp.ones((4, 4)), jnp.ones((8, 4)))
+    with pytest.raises(remat_batch.Unstreamable, match="effects"):
+        remat_batch.analyse(cj)
+
+
+def test_option_is_checked():
+    step, args = _step("mlp")
+    cj = jax.make_jaxpr(step)(*args)
+    for bad in ("yes", 1, 2.0):
+        with pytest.raises(ValueError, match="remat_micro_batches"):
+            remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": 0.5,
+                                                         "remat_micro_batches": bad}))
+    with pytest.raises(ValueError, match="does not divide the batch of 4"):
+        remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": 0.5,
+                                                     "remat_micro_batches": 3}))
+    res = remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": 0.5,
+                                                       "remat_micro_batches": 4}))
+    assert res.stats.hits["remat.micro_batches"] == 4
+
+
+def test_batch_is_the_trailing_arguments_leading_axis():
+    n, axes = remat_batch.batch_inputs(jax.make_jaxpr(lambda a, b, x, y: 0)(
+        jnp.ones((8, 3)), jnp.ones((3, 8)), jnp.ones((8, 2)), jnp.ones((8,))).jaxpr)
+    assert n == 8 and axes == [None, None, 0, 0]  # a leading 8 before a non-batch stops it
+    with pytest.raises(remat_batch.Unstreamable, match="no batch axis"):
+        remat_batch.batch_inputs(jax.make_jaxpr(lambda a: a)(jnp.float32(1)).jaxpr)
