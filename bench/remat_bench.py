@@ -2,8 +2,10 @@
 
 Prints, per model (training step, post-AD placement) and budget (75/50/25% of the
 un-rematerialized XLA temp memory): measured XLA temp, whether it met budget + 5%,
-recomputed FLOPs and the solver; then each per-block jax.checkpoint policy placed by
-hand (MLP, GPT, scanned GPT) against graphopt at that policy's own memory; pre-AD
+recomputed FLOPs, the solver and the CPU step time, twice: the pass as it runs by
+default (micro-batches first where they recompute nothing) and choosing what to keep
+only (``remat_micro_batches=False``); then each per-block jax.checkpoint policy placed by
+hand (MLP, GPT, scanned GPT) against graphopt at that policy's own memory (both ways); pre-AD
 placement (graphopt.remat) on the scanned GPT loss; the heuristic solver against the
 exact one at the same model targets (bench/remat_solver_gap.py); the heuristic's time on
 a 10k-equation program.
@@ -67,23 +69,52 @@ def flops_of(fn, args):
     return analysis.xla_cost(fn, *args)["flops"]
 
 
-def graphopt_point(cj, budget, base_flops, leaves):
-    """(XLA temp, extra XLA FLOPs) of graphopt's post-AD remat at ``budget``, or None."""
+def graphopt_point(cj, budget, base_flops, leaves, **opts):
+    """(XLA temp, extra FLOPs) of graphopt's post-AD remat at ``budget``, or None.
+
+    Extra FLOPs from XLA's cost analysis, except for micro-batches: XLA counts a loop
+    body once, so there the pass's own count (nothing, for gradient accumulation)."""
     try:
-        res = remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": budget}))
+        res = remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": budget, **opts}))
     except remat.BudgetError:
         return None
     if not res.changed:
         return remat.xla_temp(cj), 0.0
+    if "remat.micro_batches" in res.stats.hits:
+        return remat.xla_temp(res.jaxpr), float(res.stats.hits["remat.flops_recomputed"])
     fn = jax.jit(lambda *a, j=res.jaxpr: jax.core.eval_jaxpr(j.jaxpr, j.consts, *a))
     return remat.xla_temp(res.jaxpr), flops_of(fn, leaves) - base_flops
+
+
+def step_ms(cj, leaves, reps=5):
+    """Median wall time of the compiled program on this machine, milliseconds."""
+    fn = jax.jit(lambda *a: jax.core.eval_jaxpr(cj.jaxpr, cj.consts, *a))
+    jax.block_until_ready(fn(*leaves))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*leaves))
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[reps // 2] * 1e3
+
+
+WAYS = {"graphopt": {}, "keep only": {"remat_micro_batches": False}}
+
+
+def verdict(g, m_h, f_h):
+    if g is None:
+        return False, "graphopt cannot reach this memory"
+    fewer = g[0] <= m_h * 1.05 and g[1] <= 0.85 * f_h
+    less = g[1] <= f_h and g[0] <= 0.85 * m_h
+    return fewer or less, ("same memory, >=15% fewer FLOPs" if fewer else
+                           ">=15% less memory, no more FLOPs" if less else "not 15% better")
 
 
 def pareto_vs_hand(name, cj, args, make, base, base_flops):
     """Each hand-placed policy against graphopt at the policy's own memory: graphopt must
     recompute >= 15% fewer FLOPs there, or use >= 15% less memory at <= the same FLOPs."""
     print(f"  Pareto vs hand-placed per-block jax.checkpoint ({name}):")
-    print(f"  {'policy':>34} {'hand MiB':>8} {'hand GFLOP':>10} {'graphopt MiB':>12} "
+    print(f"  {'policy':>34} {'hand MiB':>8} {'hand GFLOP':>10} {'':>10} {'graphopt MiB':>12} "
           f"{'graphopt GFLOP':>14}  verdict")
     out = []
     for pname, pol in POLICIES.items():
@@ -92,26 +123,20 @@ def pareto_vs_hand(name, cj, args, make, base, base_flops):
         s = make(pol)
         m_h = analysis.xla_memory(s, *args)["temp_bytes"]
         f_h = flops_of(jax.jit(s), args) - base_flops
-        # at or above the no-remat need graphopt leaves the program alone: (base, 0)
-        g = (base, 0.0) if m_h >= base else graphopt_point(cj, int(m_h), base_flops,
-                                                            jax.tree_util.tree_leaves(args))
         if m_h >= 0.99 * base and f_h <= 1e-3 * base_flops:
             # XLA merged the hand-placed recomputation back: the no-remat program itself
             print(f"  {pname:>34} {m_h / MiB:>8.1f} {f_h / 1e9:>10.3f} {'':>12} {'':>14}  n/a: no "
                   "effect (XLA removed the recomputation), nothing to beat")
             continue
-        if g is None:
-            ok, why = False, "graphopt cannot reach this memory"
-        else:
-            fewer = g[0] <= m_h * 1.05 and g[1] <= 0.85 * f_h
-            less = g[1] <= f_h and g[0] <= 0.85 * m_h
-            ok = fewer or less
-            why = ("same memory, >=15% fewer FLOPs" if fewer else
-                   ">=15% less memory, no more FLOPs" if less else "not 15% better")
-        print(f"  {pname:>34} {m_h / MiB:>8.1f} {f_h / 1e9:>10.3f} "
-              f"{(g[0] / MiB if g else float('nan')):>12.1f} {(g[1] / 1e9 if g else float('nan')):>14.3f}"
-              f"  {'ok' if ok else 'MISSED'}: {why}")
-        out.append((name, pname, ok))
+        for way, opts in WAYS.items():
+            # at or above the no-remat need graphopt leaves the program alone: (base, 0)
+            g = (base, 0.0) if m_h >= base else graphopt_point(
+                cj, int(m_h), base_flops, jax.tree_util.tree_leaves(args), **opts)
+            ok, why = verdict(g, m_h, f_h)
+            print(f"  {pname:>34} {m_h / MiB:>8.1f} {f_h / 1e9:>10.3f} {way:>10} "
+                  f"{(g[0] / MiB if g else float('nan')):>12.1f} "
+                  f"{(g[1] / 1e9 if g else float('nan')):>14.3f}  {'ok' if ok else 'MISSED'}: {why}")
+            out.append((name, pname, way, ok))
     return out
 
 
@@ -152,43 +177,50 @@ def main():
         B = backward_start(cj.jaxpr)
         plan = build_plan(cj, B) if B is not None else None
         base_flops = flops_of(jax.jit(lambda *a: jax.core.eval_jaxpr(cj.jaxpr, cj.consts, *a)), jax.tree_util.tree_leaves(args))
-        prev = None
         est = remat.estimated_temp(cj)
         est_err.append((name, est, base))
         print(f"\n== {name}: {len(cj.jaxpr.eqns)} eqns, XLA temp without remat {base / MiB:.1f} MiB "
               f"(graphopt estimate {est / MiB:.1f} MiB, error {(est - base) / base:+.0%}), "
               f"{len(plan.segments) if plan else 0} candidate segments")
-        print(f"{'budget':>8} {'budget MiB':>10} {'XLA temp MiB':>12} {'ok(+5%)':>8} {'recompute GFLOP':>15} "
-              f"{'solver':>40} {'pass s':>7}")
+        leaves = jax.tree_util.tree_leaves(args)
+        print(f"{'budget':>8} {'':>10} {'budget MiB':>10} {'XLA temp MiB':>12} {'ok(+5%)':>8} "
+              f"{'recompute GFLOP':>15} {'solver':>40} {'pass s':>7} {'step ms':>8}  "
+              f"(no remat: {step_ms(cj, leaves):.1f} ms)")
+        prev = dict.fromkeys(WAYS)
         for frac in progress.track((0.75, 0.5, 0.25), f"{name}: budgets", leave=False):
-            t0 = time.perf_counter()
-            bb = int(frac * base)
-            try:
-                res = remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": frac}))
-                mem = remat.xla_temp(res.jaxpr) if res.changed else base
-                fl = res.stats.hits.get("remat.flops_recomputed", 0)
-                solver = next((n.split("solver ")[1].split(";")[0] for n in res.stats.notes
-                               if "solver " in n), "-")
-                err = None
-            except remat.BudgetError as exc:
-                mem, fl, solver, err = None, 0, "infeasible", str(exc)
-            dt = time.perf_counter() - t0
-            ok = mem is not None and mem <= bb * 1.05
-            mono = prev is None or mem is None or mem <= prev
-            rows.append((name, frac, ok, mono))
-            print(f"{frac:>8.0%} {bb / MiB:>10.1f} {('%.1f' % (mem / MiB)) if mem else '-':>12} {str(ok):>8} "
-                  f"{fl / 1e9:>15.3f} {solver[:40]:>40} {dt:>7.1f}")
-            if err:
-                print("         ", err)
-            prev = mem if mem is not None else prev
+            for way, opts in WAYS.items():
+                t0 = time.perf_counter()
+                bb = int(frac * base)
+                try:
+                    res = remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": frac,
+                                                                       **opts}))
+                    mem = remat.xla_temp(res.jaxpr) if res.changed else base
+                    fl = res.stats.hits.get("remat.flops_recomputed", 0)
+                    solver = next((n.split("solver ")[1].split(";")[0] for n in res.stats.notes
+                                   if "solver " in n), None) or next(
+                        (n.split(": ")[1].split(";")[0] for n in res.stats.notes
+                         if "micro-batches (" in n), "-")
+                    err, ms = None, step_ms(res.jaxpr, leaves)
+                except remat.BudgetError as exc:
+                    mem, fl, solver, err, ms = None, 0, "infeasible", str(exc), float("nan")
+                dt = time.perf_counter() - t0
+                ok = mem is not None and mem <= bb * 1.05
+                mono = prev[way] is None or mem is None or mem <= prev[way]
+                rows.append((name, frac, way, ok, mono))
+                print(f"{frac:>8.0%} {way:>10} {bb / MiB:>10.1f} "
+                      f"{('%.1f' % (mem / MiB)) if mem else '-':>12} {str(ok):>8} "
+                      f"{fl / 1e9:>15.3f} {solver[:40]:>40} {dt:>7.1f} {ms:>8.1f}")
+                if err:
+                    print("         ", err)
+                prev[way] = mem if mem is not None else prev[way]
         splan = remat_scan.plan_scans(cj)
         if splan.pairs:  # what the pass reached before scans were rewritten
             print(f"  {len(splan.pairs)} forward/backward scan pair(s), stacked residuals "
                   f"{splan.residual_bytes / MiB:.1f} MiB; 50% without the scan rewrite "
-                  f"(remat_scan=False): ", end="")
+                  f"(remat_scan=False, keep only): ", end="")
             try:
-                res = remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": 0.5,
-                                                                   "remat_scan": False}))
+                res = remat.remat_pass(cj, PassContext("post-AD", {
+                    "memory_budget": 0.5, "remat_scan": False, "remat_micro_batches": False}))
                 print(f"{remat.xla_temp(res.jaxpr) / MiB:.1f} MiB" if res.changed else "no change")
             except remat.BudgetError as exc:
                 print("infeasible,", str(exc).split(": ", 1)[1].split(";")[0])
@@ -198,11 +230,14 @@ def main():
     for name, est, base in est_err:
         print(f"  {name:>16}: estimate {est / MiB:7.1f} MiB, XLA {base / MiB:7.1f} MiB, "
               f"error {(est - base) / base:+.0%}")
-    n_ok = sum(r[2] for r in rows)
-    print(f"\npost-AD budget met (XLA temp <= budget + 5%): {n_ok}/{len(rows)} "
-          f"({n_ok / len(rows):.0%}); never rising as budget falls: {all(r[3] for r in rows)}")
-    print(f"Pareto vs hand-placed policies: {sum(ok for *_, ok in pareto)}/{len(pareto)} "
-          "policies (that changed anything) beaten by >= 15%")
+    for way in WAYS:
+        mine = [r for r in rows if r[2] == way]
+        n_ok = sum(r[3] for r in mine)
+        print(f"\npost-AD budget met ({way}; XLA temp <= budget + 5%): {n_ok}/{len(mine)} "
+              f"({n_ok / len(mine):.0%}); never rising as budget falls: {all(r[4] for r in mine)}")
+        won = [ok for *_, w, ok in pareto if w == way]
+        print(f"Pareto vs hand-placed policies ({way}): {sum(won)}/{len(won)} "
+              "policies (that changed anything) beaten by >= 15%")
     pre = pre_ad_scan()
     print(f"pre-AD budget met: {sum(r[2] for r in pre)}/{len(pre)}")
     print("\nheuristic vs exact solver at the same model targets (max gap where milp proved "

@@ -87,8 +87,12 @@ def plot_timelines(lines, ax=None, title: str = "live temporaries per equation (
     return ax
 
 
-def pareto(fn, *args, budgets=(1.0, 0.75, 0.5, 0.25), solver: str = "auto", **kwargs) -> list:
+def pareto(fn, *args, budgets=(1.0, 0.75, 0.5, 0.25), solver: str = "auto",
+           options: dict | None = None, **kwargs) -> list:
     """Budget -> measured XLA temp bytes and FLOPs recomputed, via the post-AD pass.
+
+    ``options``: more remat pass options, e.g. ``{"remat_micro_batches": False}`` for the
+    curve of choosing what to keep alone.
 
     ``fn`` is a whole training step (its jaxpr holds the backward). Each row: budget
     (as given), budget_bytes, xla_temp_bytes, flops_recomputed, solver, error (the
@@ -108,13 +112,15 @@ def pareto(fn, *args, budgets=(1.0, 0.75, 0.5, 0.25), solver: str = "auto", **kw
         row = {"budget": b, "budget_bytes": bb, "xla_temp_bytes": base,
                "flops_recomputed": 0.0, "solver": None, "error": None}
         try:
-            res = resolve("remat")[0](cj, PassContext("post-AD", {"memory_budget": b,
-                                                                  "remat_solver": solver}))
+            res = resolve("remat")[0](cj, PassContext("post-AD", {
+                "memory_budget": b, "remat_solver": solver, **(options or {})}))
             if res.changed:
                 row["xla_temp_bytes"] = _remat.xla_temp(res.jaxpr)
                 row["flops_recomputed"] = float(res.stats.hits.get("remat.flops_recomputed", 0))
                 row["solver"] = next((n.split("solver ")[1].split(" (")[0]
-                                      for n in res.stats.notes if "solver " in n), None)
+                                      for n in res.stats.notes if "solver " in n), None) or (
+                    f"micro-batches x{res.stats.hits['remat.micro_batches']}"
+                    if "remat.micro_batches" in res.stats.hits else None)
         except _remat.BudgetError as exc:
             row["error"] = str(exc)
         rows.append(row)

@@ -35,3 +35,12 @@ def test_pareto_rows_monotone(args):
     assert rows[2]["error"] and "smallest feasible budget" in rows[2]["error"]
     ax = memory.plot_pareto(rows)
     assert ax.get_xlabel() == "recomputed GFLOP"
+
+
+def test_pareto_passes_remat_options(args):
+    # the default tries micro-batches first (nothing recomputed in this MLP); the option
+    # gives the curve of choosing what to keep alone
+    auto, keep = (memory.pareto(mlp.train_step_deep, *args, budgets=(0.6,), options=o)[0]
+                  for o in (None, {"remat_micro_batches": False}))
+    assert auto["solver"].startswith("micro-batches") and auto["flops_recomputed"] == 0
+    assert not keep["solver"].startswith("micro-batches") and keep["flops_recomputed"] > 0

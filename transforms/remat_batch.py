@@ -1,4 +1,4 @@
-"""Micro-batch streaming: the post-AD remat pass's last resort below its floor.
+"""Micro-batch streaming for the post-AD remat pass.
 
 Choosing what to keep cannot go below one layer's backward at full batch: the CNN's
 stage-1 batch norm needs its input and its cotangent at once, two ``[16, 32, 32, 64]``
@@ -7,21 +7,23 @@ value of a training step either carries the batch along one axis (*batched*: an 
 activations and cotangents) or does not (*global*: parameters, batch statistics,
 gradients). Batched values mix examples only through *reductions* over the batch axis:
 ``reduce_sum``/``max``/``min`` over it, a ``dot_general`` or convolution contracting it
-(weight gradients), a ``scatter-add`` of per-example rows into a global table. So the
-program runs as a sequence of loops over K micro-batches: loop k recomputes, from the
-micro-batch of the step's batched inputs, the batched values that the reductions of
+(weight gradients), a ``scatter-add`` of per-example rows into a global table, and
+weight gradients made inside a ``scan`` body (per-layer outputs, accumulating carries).
+So the program runs as a sequence of loops over K micro-batches: loop k recomputes, from
+the micro-batch of the step's batched inputs, the batched values that the reductions of
 level k read (level = how many reductions their inputs depend on), accumulates those
 reductions, and the global equations that need them run between loops. Nothing batched
-outlives its loop, so memory is one micro-batch's working set plus the globals; the
-price is the forward recomputed once per level (batch-norm statistics, loss, each
-stage's backward).
+outlives its loop, so memory is one micro-batch's working set plus the globals. Without
+batch norm there is one level (gradient accumulation: nothing recomputed); with it, the
+forward is recomputed once per level (batch-norm statistics, loss, each stage's
+backward).
 
 What is batched is inferred: the trailing run of the step's arguments whose leading
 dimension has the size ``n`` of the last argument's (a step's ``batch`` comes last),
 then propagated through a rule table per primitive (:data:`RULES`, default: a primitive
 not in the table that reads a batched value stops the rewrite, which the report names).
-Sums are accumulated in micro-batch order, so results equal the original up to
-float rounding (~1e-7 relative, like any change of summation order).
+Every rule splits a computation exactly (a sum into partial sums), so results equal the
+original up to the order of float additions.
 """
 from __future__ import annotations
 
@@ -492,8 +494,9 @@ class Analysis:
     cone: dict                  # loop -> batched equations it recomputes, in order
 
     @property
-    def reductions(self) -> int:
-        return len(self.loop_of)
+    def batched_scans(self) -> int:
+        """Scans over batched values: micro-batches run their iterations K times over."""
+        return sum(h.body is not None for h in self.how.values())
 
     def recomputed_flops(self) -> float:
         """FLOPs run more than once: every loop recomputes its cone and its reductions

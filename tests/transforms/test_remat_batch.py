@@ -191,3 +191,15 @@ def test_batch_is_the_trailing_arguments_leading_axis():
     assert n == 8 and axes == [None, None, 0, 0]  # a leading 8 before a non-batch stops it
     with pytest.raises(remat_batch.Unstreamable, match="no batch axis"):
         remat_batch.batch_inputs(jax.make_jaxpr(lambda a: a)(jnp.float32(1)).jaxpr)
+
+
+def test_auto_leaves_scanned_steps_to_choosing_what_to_keep():
+    # micro-batches would run the RNN's 8 steps K times over: not first under "auto"
+    step, args = _step("rnn")
+    cj = jax.make_jaxpr(step)(*args)
+    assert remat_batch.analyse(cj).batched_scans >= 2  # forward and backward scans
+    ctx = {"memory_budget": 0.75}
+    res = remat.remat_pass(cj, PassContext("post-AD", ctx))
+    assert res.changed and "remat.micro_batches" not in res.stats.hits
+    forced = remat.remat_pass(cj, PassContext("post-AD", {**ctx, "remat_micro_batches": True}))
+    assert forced.stats.hits["remat.micro_batches"] >= 2
