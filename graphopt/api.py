@@ -133,6 +133,9 @@ class Optimized:
     def _flatten(self, dynamic):
         leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(dynamic)
         leaves = []
+        # flattening sorts the {name: value} dict; keep each leaf's place in the call
+        names = list(dynamic)
+        self._arg_positions = tuple(names.index(path[0].key) for path, _ in leaves_with_path)
         for path, leaf in leaves_with_path:
             if not _is_arraylike(leaf):
                 where = jax.tree_util.keystr(path)
@@ -178,7 +181,7 @@ class Optimized:
         trace_s = time.perf_counter() - t0
         out_tree = jax.tree_util.tree_structure(out_shape)
         ctx = PassContext(placement=placement_of(original), options=self.options,
-                          platform=jax.default_backend())
+                          platform=jax.default_backend(), arg_positions=self._arg_positions)
         t0 = time.perf_counter()
         optimized, records = self.pipeline.run(original, ctx)
         pipe_s = time.perf_counter() - t0

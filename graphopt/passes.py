@@ -25,6 +25,7 @@ class PassContext:
     options: dict = dataclasses.field(default_factory=dict)
     example_args: tuple | None = None      # flat concrete args, when known
     platform: str = "cpu"
+    arg_positions: tuple | None = None     # per flat input: its argument's place in the call
 
     def option(self, name: str, default=None):
         return self.options.get(name, default)

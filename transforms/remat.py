@@ -365,9 +365,11 @@ def _infeasible_msg(budget_bytes: int, floor: int, base_mem: int) -> str:
 # ------------------------------------------------------------------------- the pass
 
 def _target_level(cj: ir.ClosedJaxpr):
-    """(closed jaxpr holding the backward, wrap(new inner) -> new program) or None."""
+    """(closed jaxpr holding the backward, wrap(new inner) -> new program, per inner
+    invar the index of the program's invar it is or None) or None."""
     if backward_start(cj.jaxpr) is not None:
-        return cj, lambda new: new
+        return cj, lambda new: new, list(range(len(cj.jaxpr.invars)))
+    pos = {v: i for i, v in enumerate(cj.jaxpr.invars)}
     for idx, e in enumerate(cj.jaxpr.eqns):  # a step under one jit: rewrite its body
         if e.primitive.name in ("jit", "pjit", "closed_call"):
             for key, _, sub in ir.subjaxpr_params(e):
@@ -375,7 +377,8 @@ def _target_level(cj: ir.ClosedJaxpr):
                 found = _target_level(inner)
                 if found is None:
                     continue
-                inner_cj, wrap_inner = found
+                inner_cj, wrap_inner, imap = found
+                outer = [pos.get(a) if ir.is_var(a) else None for a in e.invars]
 
                 def wrap(new, idx=idx, key=key, wrap_inner=wrap_inner, e=e, sub=sub):
                     body = wrap_inner(new)
@@ -385,7 +388,7 @@ def _target_level(cj: ir.ClosedJaxpr):
                     eqs = list(cj.jaxpr.eqns)
                     eqs[idx] = ne
                     return ir.closed(ir.make_jaxpr_from(cj.jaxpr, eqns=eqs), cj.consts)
-                return inner_cj, wrap
+                return inner_cj, wrap, [None if k is None else outer[k] for k in imap]
     return None
 
 
@@ -402,7 +405,9 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
                    "differentiate")
         parse_budget(budget, 1)  # still reject a malformed budget
         return PassResult(cj, False, stats)
-    inner, wrap = found
+    inner, wrap, invar_map = found
+    positions = None if ctx.arg_positions is None else [
+        None if k is None else ctx.arg_positions[k] for k in invar_map]
     original = inner  # micro-batching (below the floor) streams the program as given
     if (any(ir.name_stack(e).split("/")[0] == "remat" for e in inner.jaxpr.eqns)
             or remat_scan.scan_rematerialized(inner.jaxpr)):
@@ -429,7 +434,8 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
                    f"un-rematerialized temp memory {analysis.fmt_bytes(base)}: no-op")
         return PassResult(cj, False, stats)
 
-    micro = _MicroBatching(cj, original, wrap, measure, budget_bytes, base, stats, micro)
+    micro = _MicroBatching(cj, original, wrap, measure, budget_bytes, base, stats, micro,
+                           positions)
     done = micro.first()
     if done is not None:
         return done
@@ -562,13 +568,14 @@ class _MicroBatching:
     on CPU: 1.5-2x slower), or when ``remat_micro_batches`` asks for it; otherwise below
     the floor of choosing what to keep. The fewest micro-batches that meet the budget win."""
 
-    def __init__(self, cj, original, wrap, measure, budget_bytes, base, stats, option):
+    def __init__(self, cj, original, wrap, measure, budget_bytes, base, stats, option,
+                 positions):
         self.cj, self.original, self.wrap, self.measure = cj, original, wrap, measure
         self.budget_bytes, self.base, self.stats, self.option = budget_bytes, base, stats, option
         self.an, self.tried, self.why = None, {}, ""
         if option is not False:
             try:
-                self.an = remat_batch.analyse(original)
+                self.an = remat_batch.analyse(original, positions)
             except remat_batch.Unstreamable as ex:
                 self.why = f"; micro-batching not possible: {ex}"
                 stats.note("remat:" + self.why[1:])

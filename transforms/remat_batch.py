@@ -18,9 +18,8 @@ batch norm there is one level (gradient accumulation: nothing recomputed); with 
 forward is recomputed once per level (batch-norm statistics, loss, each stage's
 backward).
 
-What is batched is inferred: the trailing run of the step's arguments whose leading
-dimension has the size ``n`` of the last argument's (a step's ``batch`` comes last),
-then propagated through a rule table per primitive (:data:`RULES`, default: a primitive
+What is batched is inferred: the leaves of the step's last argument (a step's ``batch``
+comes last; :func:`batch_inputs`), then propagated through a rule table per primitive (:data:`RULES`, default: a primitive
 not in the table that reads a batched value stops the rewrite, which the report names).
 Every rule splits a computation exactly (a sum into partial sums), so results equal the
 original up to the order of float additions.
@@ -507,10 +506,24 @@ class Analysis:
         return float(sum(flops[i] for i in runs) - sum(flops.values()))
 
 
-def batch_inputs(jaxpr) -> tuple[int, list]:
-    """(batch size, per invar: 0 when batched along its leading axis, else None):
-    the trailing run of invars whose leading dimension has the last invar's size."""
+def batch_inputs(jaxpr, positions=None) -> tuple[int, list]:
+    """(batch size, per invar: 0 when batched along its leading axis, else None).
+
+    ``positions`` (per invar, its argument's place in the call, as ``graphopt.optimize``
+    knows it): the leaves of the last argument, which must share a leading size.
+    Without it: the trailing run of invars whose leading size is the last invar's."""
     shapes = [tuple(v.aval.shape) for v in jaxpr.invars]
+    if positions is not None and any(p is not None for p in positions):
+        last = max(p for p in positions if p is not None)
+        mine = [i for i, p in enumerate(positions) if p == last]
+        sizes = {shapes[i][0] if shapes[i] else None for i in mine}
+        if len(sizes) != 1 or None in sizes:
+            raise Unstreamable("the last argument's leaves do not share a leading (batch) "
+                               f"axis: shapes {[shapes[i] for i in mine]}")
+        n = sizes.pop()
+        if n < 2:
+            raise Unstreamable(f"batch of size {n}")
+        return n, [0 if i in mine else None for i in range(len(shapes))]
     if not shapes or not shapes[-1]:
         raise Unstreamable("the last argument has no batch axis (scalar or no arguments)")
     n = shapes[-1][0]
@@ -524,11 +537,12 @@ def batch_inputs(jaxpr) -> tuple[int, list]:
     return n, axes
 
 
-def analyse(cj: ir.ClosedJaxpr) -> Analysis:
+def analyse(cj: ir.ClosedJaxpr, positions=None) -> Analysis:
     """Classify every equation as global, batched or combining over the batch, and give
-    each combining one its loop. Raises :class:`Unstreamable` naming the obstacle."""
+    each combining one its loop (``positions``: see :func:`batch_inputs`). Raises
+    :class:`Unstreamable` naming the obstacle."""
     jaxpr = cj.jaxpr
-    n, batched_in = batch_inputs(jaxpr)
+    n, batched_in = batch_inputs(jaxpr, positions)
     eqns, outvars = _flatten(jaxpr)
     bad = next((e for e in eqns if ir.effectful(e)), None)
     if bad is not None:  # loops would reorder it against the rest

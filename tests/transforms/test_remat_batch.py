@@ -203,3 +203,21 @@ def test_auto_leaves_scanned_steps_to_choosing_what_to_keep():
     assert res.changed and "remat.micro_batches" not in res.stats.hits
     forced = remat.remat_pass(cj, PassContext("post-AD", {**ctx, "remat_micro_batches": True}))
     assert forced.stats.hits["remat.micro_batches"] >= 2
+
+
+def test_optimize_tells_the_pass_which_leaves_are_the_batch():
+    # optimize flattens {name: arg} sorted by name, so "batch" leaves come first, not last
+    j = jax.make_jaxpr(lambda b0, b1, w, v: 0)(
+        jnp.ones((8, 3)), jnp.ones((8,)), jnp.ones((8, 8)), jnp.ones((3,))).jaxpr
+    n, axes = remat_batch.batch_inputs(j, positions=[2, 2, 0, 1])
+    assert n == 8 and axes == [0, 0, None, None]
+    with pytest.raises(remat_batch.Unstreamable, match="do not share a leading"):
+        remat_batch.batch_inputs(j, positions=[0, 0, 1, 1])
+    import graphopt
+    step, args = _step("mlp")
+    f = graphopt.optimize(step, passes=["remat"], memory_budget=0.5)
+    out = f(*args)
+    rec = next(r for r in f.report(*args).records if r.name == "remat")
+    assert rec.stats.hits["remat.micro_batches"] >= 2
+    for x, y in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(step(*args))):
+        assert testing.max_rel_error(x, y) <= 2e-5
