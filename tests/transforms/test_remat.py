@@ -103,8 +103,10 @@ def test_no_backward_notes_pre_ad():
 
 def test_optimize_with_memory_budget(step):
     _, _, (p, o, b) = step
+    # keep only: check=True differentiates the step through Adam's first update, where
+    # micro-batches' summation order shows (docs/remat.md, limits)
     f = graphopt.optimize(mlp.train_step_deep, memory_budget=0.85, check=True,
-                          remat_measure="estimate")
+                          remat_measure="estimate", remat_micro_batches=False)
     out = f(p, o, b)
     ref = mlp.train_step_deep(p, o, b)
     for x, y in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)):
