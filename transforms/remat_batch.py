@@ -353,27 +353,19 @@ def _rebuildable(e, ax) -> bool:
     return ax not in bd or _shape(e.invars[0])[bd.index(ax)] == 1
 
 
-def _micro_params(e, axes_in, axes_out, m) -> dict:
+# the param holding each primitive's output extent along the batch axis (default: none)
+_SHAPE_PARAM = {"broadcast_in_dim": "shape", "reshape": "new_sizes", "slice": "limit_indices",
+                "dynamic_slice": "slice_sizes"}
+
+
+def _micro_params(e, axes_out, m) -> dict:
     """Params of a batched equation re-run at micro-batch size ``m`` (shape params only)."""
-    name = e.primitive.name
-    b = axes_out[0] if axes_out else None
-    if name == "broadcast_in_dim":
-        shape = list(e.params["shape"])
-        shape[b] = m
-        return {"shape": tuple(shape)}
-    if name == "reshape":
-        sizes = list(e.params["new_sizes"])
-        sizes[b] = m
-        return {"new_sizes": tuple(sizes)}
-    if name == "slice":
-        lim = list(e.params["limit_indices"])
-        lim[b] = m
-        return {"limit_indices": tuple(lim)}
-    if name == "dynamic_slice":
-        sizes = list(e.params["slice_sizes"])
-        sizes[b] = m
-        return {"slice_sizes": tuple(sizes)}
-    return {}
+    key = _SHAPE_PARAM.get(e.primitive.name)
+    if key is None or not axes_out or not isinstance(axes_out[0], int):
+        return {}
+    sizes = list(e.params[key])
+    sizes[axes_out[0]] = m
+    return {key: tuple(sizes)}
 
 
 # ------------------------------------------------------------------ analysis
@@ -631,7 +623,7 @@ class _Micro:
                 if i is not None and _rebuildable(eqns[i], ax):
                     e = eqns[i]
                     memo[v, ax] = ir.bind_eqn(e, [read(a) for a in e.invars],
-                                              **_micro_params(e, [], [ax], self.m))[0]
+                                              **_micro_params(e, [ax], self.m))[0]
                 else:
                     memo[v, ax] = lax.dynamic_slice_in_dim(env[v], self.idx * self.m,
                                                            self.m, axis=ax)
@@ -650,7 +642,7 @@ class _Micro:
             if h.body is not None:
                 outs = self.scan(e, h.body, vals)
             else:
-                outs = ir.bind_eqn(e, vals, **_micro_params(e, h.op_axes, h.outs, self.m))
+                outs = ir.bind_eqn(e, vals, **_micro_params(e, h.outs, self.m))
             env.update(zip(e.outvars, outs))
 
     def scan(self, e, body: Body, vals):
