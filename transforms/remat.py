@@ -12,6 +12,9 @@ What it rewrites:
   (``remat_skip_kept``; "auto" measures it like the fence variants). Layers under
   ``lax.scan`` go first (:mod:`.remat_scan`): the forward scan stops emitting stacked
   residuals and the backward scan body recomputes them per iteration.
+- **post-AD micro-batches** (:mod:`.remat_batch`): the step run as loops over
+  micro-batches, first where that recomputes nothing (gradient accumulation), else below
+  the floor of choosing what to keep (batch norm) (``remat_micro_batches``).
 - **pre-AD** (a model or loss that ``jax.grad`` will differentiate, via
   :func:`make_remat` / ``graphopt.remat``): each chosen segment becomes a
   ``jax.custom_vjp`` function whose forward saves only its inputs and whose backward
@@ -408,7 +411,7 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
     inner, wrap, invar_map = found
     positions = None if ctx.arg_positions is None else [
         None if k is None else ctx.arg_positions[k] for k in invar_map]
-    original = inner  # micro-batching (below the floor) streams the program as given
+    original = inner  # micro-batches stream the program as given, not a rewritten one
     if (any(ir.name_stack(e).split("/")[0] == "remat" for e in inner.jaxpr.eqns)
             or remat_scan.scan_rematerialized(inner.jaxpr)):
         # a fraction refers to the un-rematerialized program: never compound it
