@@ -282,10 +282,13 @@ def _scan(e, in_axes, n):
                 b_in[j] = axis[vo]
                 changed = True
             elif ir.is_var(vo) and vo in axis and b_in[j] != axis[vo] or \
-                    c in acc and not (ir.is_var(vo) and vo in partial):
+                    c in acc and not (ir.is_var(vo) and vo in partial) or \
+                    b_in[j] is not None and not (ir.is_var(vo) and vo in axis):
                 raise Unstreamable("scan carry changes its batch axis")
         if not changed:
             break
+    for c in acc:  # each micro-batch starts it at zero and the init is added once after:
+        _check_accumulator(eqns, outvars, invars[nc + c], outvars[c], partial)  # c += sum
     if any(a == -1 for a in b_in):
         raise Unstreamable("scan body slices its xs along the batch axis")
 
@@ -298,7 +301,23 @@ def _scan(e, in_axes, n):
     outs = [out_of(v, 0) for v in outvars[:nk]] + [out_of(v, 1) for v in outvars[nk:]]
     op_axes = b_in[:nc + nk] + [None if a is None else a + 1 for a in b_in[nc + nk:]]
     base = {c: nc + c for c in acc}
-    return op_axes, outs, base, Body(eqns, outvars, how, axis, list(invars), body.consts)
+    return op_axes, outs, base, Body(eqns, outvars, how, axis, list(invars),
+                                      list(body.jaxpr.constvars), list(body.consts))
+
+
+def _check_accumulator(eqns, outvars, v_in, v_out, partial):
+    """A carry that sums over the batch must be ``c_out = c_in + (a sum)`` and nothing
+    else may read ``c_in`` or ``c_out`` (a decayed, overwritten or emitted carry would
+    lose or repeat its initial value across micro-batches)."""
+    readers = [e for e in eqns if v_in in e.invars or v_out in e.invars]
+    made = next((e for e in eqns if v_out in e.outvars), None)
+    ok = (made is not None and readers == [made] and made.primitive.name in ("add", "add_any")
+          and sum(a is v_in for a in made.invars) == 1
+          and all(a is v_in or (ir.is_var(a) and a in partial) for a in made.invars)
+          and sum(ir.is_var(v) and v is v_out for v in outvars) == 1)
+    if not ok:
+        raise Unstreamable("scan carry mixes its initial value with a sum over the batch "
+                           "other than by adding to it")
 
 
 def _multi_identity(e, in_axes, n):  # optimization_barrier and the like: output i = operand i
@@ -386,6 +405,7 @@ class Body:
     how: dict
     axis: dict
     invars: list
+    constvars: list
     consts: list
 
 
@@ -446,6 +466,9 @@ def _classify(eqns, axis: dict, n: int, partial: dict | None):
             if isinstance(o, int):
                 axis[v] = o
             elif partial is not None:
+                if h.base:  # the zeroed operand would have to be added back per iteration
+                    raise Unstreamable(f"{e.primitive} accumulates onto a global inside a "
+                                       "loop body")
                 if o not in ("sum", "same"):
                     raise Unstreamable(f"{e.primitive}: a {o} over the batch inside a loop body")
                 if o == "sum":
@@ -466,6 +489,9 @@ def _check_linear(e, partial, in_axes) -> list:
         if name == "convert_element_type" and not all(
                 jnp.issubdtype(x.aval.dtype, jnp.floating) for x in (e.invars[0], e.outvars[0])):
             pass  # a sum of integer conversions is not the conversion of the sum
+        elif name in ("mul", "div", "dot_general") and not jnp.issubdtype(
+                e.outvars[0].aval.dtype, jnp.floating):
+            pass  # integer division (and wrapping products) do not split over sums
         elif name in _LINEAR and sum(parts) == 1 and (parts[0] or name in ("mul", "dot_general")):
             return []
     raise Unstreamable(f"{e.primitive} of a per-iteration sum over the batch is not linear")
@@ -606,9 +632,11 @@ class _Micro:
     def __init__(self, m: int, idx):
         self.m, self.idx = m, idx
 
-    def run(self, eqns, how, axis, env, order):
+    def run(self, eqns, how, axis, env, order, partials=None):
         """Evaluate ``eqns[i]`` for ``i`` in ``order`` into ``env``: batched vars hold
-        micro-batch values, global vars whole ones."""
+        micro-batch values, global vars whole ones. ``partials`` (the top level): where a
+        micro-batch's part of a sum/max/min goes, so that an equation re-run in a later
+        loop for its batched outputs never overwrites the global made by its own loop."""
         producer = {v: i for i, e in enumerate(eqns) for v in e.outvars}
         memo: dict = {}
 
@@ -643,13 +671,18 @@ class _Micro:
                 outs = self.scan(e, h.body, vals)
             else:
                 outs = ir.bind_eqn(e, vals, **_micro_params(e, h.outs, self.m))
-            env.update(zip(e.outvars, outs))
+            for v, o, x in zip(e.outvars, h.outs, outs):
+                if partials is not None and o in ("sum", "max", "min"):
+                    partials[v] = x
+                else:
+                    env[v] = x
 
     def scan(self, e, body: Body, vals):
         nc, nk, _ = ir.scan_layout(e)
 
         def step(carry, xs):
-            env = dict(zip(body.invars, list(vals[:nc]) + list(carry) + list(xs)))
+            env = dict(zip(body.constvars, body.consts))
+            env.update(zip(body.invars, list(vals[:nc]) + list(carry) + list(xs)))
             self.run(body.eqns, body.how, body.axis, env, range(len(body.eqns)))
             outs = [ir.literal_value(v) if ir.is_literal(v) else env[v] for v in body.outvars]
             return outs[:nk], outs[nk:]
@@ -693,8 +726,10 @@ def stream(cj: ir.ClosedJaxpr, k: int, an: Analysis | None = None) -> ir.ClosedJ
                 benv = dict(env)
                 benv.update(zip([v for v, _ in xs_in], xs[1:]))
                 order = sorted(set(an.cone[j]) | set(reds))
-                _Micro(m, xs[0]).run(eqns, an.how, an.axis, benv, order)
-                acc = [_combine(kd, a, benv[v]) for (_, kd, v), a in zip(comb, acc)]
+                parts: dict = {}
+                _Micro(m, xs[0]).run(eqns, an.how, an.axis, benv, order, parts)
+                acc = [_combine(kd, a, parts[v] if v in parts else benv[v])
+                       for (_, kd, v), a in zip(comb, acc)]
                 return acc, [benv[an.outvars[o]] for o in outs]
             init = [_init(kd, v.aval) for _, kd, v in comb]
             with jax.named_scope(f"remat/stream{j}"):

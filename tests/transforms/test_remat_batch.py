@@ -221,3 +221,61 @@ def test_optimize_tells_the_pass_which_leaves_are_the_batch():
     assert rec.stats.hits["remat.micro_batches"] >= 2
     for x, y in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(step(*args))):
         assert testing.max_rel_error(x, y) <= 2e-5
+
+
+# regressions found in review: each gave a wrong result or crashed before the fix
+_X = jnp.arange(8.0).reshape(4, 2) / 10
+_W = jnp.array([0.3, -0.2])
+
+
+def _stream_matches(f, *args, k=2):
+    cj = jax.make_jaxpr(f)(*args)
+    new = remat_batch.stream(cj, k)
+    flat = jax.tree_util.tree_leaves(args)
+    for a, b in zip(_outputs(cj, flat), _outputs(new, flat)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_scan_rerun_in_a_later_loop_keeps_its_sum():
+    # the scan makes batched ys and a sum over the batch; a later loop re-runs it for
+    # the ys and must still read the full-batch sum, not one micro-batch's part
+    def loss(w, x):
+        def body(c, t):
+            h = jnp.tanh(x @ w * t)
+            return c + jnp.sum(h), h
+        s, hs = jax.lax.scan(body, jnp.float32(0), jnp.arange(1.0, 4.0))
+        return jnp.sum((hs / s) ** 2)
+    _stream_matches(lambda w, x: (w - 0.1 * jax.grad(loss)(w, x), loss(w, x)), _W, _X)
+
+
+@pytest.mark.parametrize("body, why", [
+    (lambda c, p: (p, None), "initial value"),             # overwritten carry
+    (lambda c, p: (p - c, None), "initial value"),         # negated carry
+    (lambda c, p: (c + p, c + p), "initial value"),        # the running sum emitted
+    (lambda c, p: (0.5 * (c + p), None), "initial value"),  # decayed
+])
+def test_carries_that_are_not_pure_accumulators_are_refused(body, why):
+    def f(w, x):
+        c, _ = jax.lax.scan(lambda c, t: body(c, jnp.sum(x @ w) * t), jnp.float32(5.0),
+                            jnp.arange(3.0))
+        return c
+    with pytest.raises(remat_batch.Unstreamable, match=why):
+        remat_batch.analyse(jax.make_jaxpr(f)(_W, _X))
+
+
+def test_integer_division_of_a_sum_is_refused():
+    def f(w, x):
+        def body(c, t):
+            cnt = jnp.sum((x[:, 0] * t >= 0).astype(jnp.int32))
+            return c + jax.lax.div(cnt, 3), None
+        return jax.lax.scan(body, jnp.int32(0), jnp.arange(3.0))[0]
+    with pytest.raises(remat_batch.Unstreamable, match="div"):
+        remat_batch.analyse(jax.make_jaxpr(f)(_W, _X))
+
+
+def test_a_batched_carry_that_turns_global_is_refused():
+    def f(w, x):
+        return jax.lax.scan(lambda c, t: (jnp.zeros_like(x) + w, jnp.sum(c * w)), x,
+                            jnp.arange(3.0))
+    with pytest.raises(remat_batch.Unstreamable, match="carry"):
+        remat_batch.analyse(jax.make_jaxpr(f)(_W, _X))
