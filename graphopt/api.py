@@ -131,11 +131,12 @@ class Optimized:
         return dynamic, static, rebuild
 
     def _flatten(self, dynamic):
+        """(leaves, treedef, per leaf its argument's place in the call): flattening sorts
+        the {name: value} dict, so the order of leaves is not the order of arguments."""
         leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(dynamic)
         leaves = []
-        # flattening sorts the {name: value} dict; keep each leaf's place in the call
         names = list(dynamic)
-        self._arg_positions = tuple(names.index(path[0].key) for path, _ in leaves_with_path)
+        positions = tuple(names.index(path[0].key) for path, _ in leaves_with_path)
         for path, leaf in leaves_with_path:
             if not _is_arraylike(leaf):
                 where = jax.tree_util.keystr(path)
@@ -144,7 +145,7 @@ class Optimized:
                     f"{type(leaf).__name__}, not an array; mark it static with "
                     f"static_argnames=(...) or pass an array")
             leaves.append(leaf)
-        return leaves, treedef
+        return leaves, treedef, positions
 
     def _key(self, leaves, treedef, static):
         try:
@@ -157,7 +158,7 @@ class Optimized:
     # ------------------------------------------------------------------ building
     def _build(self, args, kwargs) -> tuple[_Entry, list]:
         dynamic, static, rebuild = self._split(args, kwargs)
-        leaves, treedef = self._flatten(dynamic)
+        leaves, treedef, positions = self._flatten(dynamic)
         key = self._key(leaves, treedef, static)
         entry = self._cache.get(key)
         if entry is not None:
@@ -181,7 +182,7 @@ class Optimized:
         trace_s = time.perf_counter() - t0
         out_tree = jax.tree_util.tree_structure(out_shape)
         ctx = PassContext(placement=placement_of(original), options=self.options,
-                          platform=jax.default_backend(), arg_positions=self._arg_positions)
+                          platform=jax.default_backend(), arg_positions=positions)
         t0 = time.perf_counter()
         optimized, records = self.pipeline.run(original, ctx)
         pipe_s = time.perf_counter() - t0

@@ -27,7 +27,6 @@ original up to the order of float additions.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -35,215 +34,13 @@ from jax import lax
 
 from graphopt import analysis, ir
 
+from .remat_batch_rules import (ADDITIVE, LINEAR, RULES, Unstreamable, micro_params,
+                                rebuildable, shape_of)
+
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call"})
 
 
-class Unstreamable(Exception):
-    """The program cannot be split along its batch (the message says where)."""
-
-
-# ------------------------------------------------------------------ rule table
-# rule(eqn, in_axes, n) -> (operand_axes, outs[, base[, body]]):
-#   in_axes[i]: batch axis of operand i, or None when it is global;
-#   operand_axes[i]: the axis along which operand i is read per micro-batch (None:
-#     whole; a global with an axis is sliced or rebuilt at micro-batch size);
-#   outs[k]: batch axis of output k, or how its per-micro-batch values combine into the
-#     full-batch global ("sum", "max", "min"; "same": it does not depend on the batch);
-#   base: {output: operand} whose operand is zeros in micro-batch runs and is added
-#     once after the loop (a scatter-add's operand, a scan's accumulating carry).
-
-def _shape(a):
-    return tuple(a.aval.shape) if ir.is_var(a) else tuple(getattr(ir.aval_of(a), "shape", ()))
-
-
-def _common_axis(e, in_axes):
-    got = {a for a in in_axes if a is not None}
-    if len(got) != 1:
-        raise Unstreamable(f"{e.primitive} mixes operands batched along axes {sorted(got)}")
-    return got.pop()
-
-
-def _aligned(e, in_axes, a, n):
-    """Operand axes of a same-shape (elementwise-like) op batched along ``a``."""
-    out = []
-    for x, ax in zip(e.invars, in_axes):
-        s = _shape(x)
-        if ax is not None or (len(s) > a and s[a] == n):
-            out.append(a)
-        elif len(s) == 0 or s[a] == 1:
-            out.append(None)  # a scalar or a size-1 (degenerate broadcast) axis
-        else:
-            raise Unstreamable(f"{e.primitive} operand of shape {s} does not line up "
-                               f"with the batch axis {a}")
-    return out
-
-
-def _elementwise(e, in_axes, n):
-    a = _common_axis(e, in_axes)
-    return _aligned(e, in_axes, a, n), [a] * len(e.outvars)
-
-
-def _reduce(kind):
-    def rule(e, in_axes, n):
-        (a,) = in_axes
-        axes = tuple(e.params["axes"])
-        if a in axes:
-            if kind is None:
-                raise Unstreamable(f"{e.primitive} over the batch axis has no partial form")
-            return [a], [kind]
-        return [a], [a - sum(x < a for x in axes)]
-    return rule
-
-
-def _axis_param(name):
-    def rule(e, in_axes, n):
-        a = _common_axis(e, in_axes)
-        if e.params[name] == a:
-            raise Unstreamable(f"{e.primitive} runs along the batch axis")
-        return _aligned(e, in_axes, a, n), [a] * len(e.outvars)
-    return rule
-
-
-def _broadcast_in_dim(e, in_axes, n):
-    a = in_axes[0]
-    return [a] + [None] * (len(e.invars) - 1), [e.params["broadcast_dimensions"][a]]
-
-
-def _reshape_axis(in_shape, a, out_shape):
-    before = math.prod(in_shape[:a])
-    for b, size in enumerate(out_shape):
-        if math.prod(out_shape[:b]) == before and size == in_shape[a]:
-            return b
-    return None
-
-
-def _reshape(e, in_axes, n):
-    a = in_axes[0]
-    b = _reshape_axis(_shape(e.invars[0]), a, _shape(e.outvars[0]))
-    if b is None or e.params.get("dimensions") is not None:
-        raise Unstreamable("reshape merges or splits the batch axis")
-    return [a] + [None] * (len(e.invars) - 1), [b]
-
-
-def _squeeze(e, in_axes, n):
-    a = in_axes[0]
-    dims = tuple(e.params["dimensions"])
-    return [a], [a - sum(d < a for d in dims)]
-
-
-def _transpose(e, in_axes, n):
-    a = in_axes[0]
-    return [a], [tuple(e.params["permutation"]).index(a)]
-
-
-def _untouched(param, what):
-    """Ops whose ``param`` lists per-axis settings that must leave the batch axis alone."""
-    def rule(e, in_axes, n):
-        a = _common_axis(e, in_axes)
-        if not what(e.params[param], a, n):
-            raise Unstreamable(f"{e.primitive} changes the batch axis ({param})")
-        return _aligned(e, in_axes, a, n), [a] * len(e.outvars)
-    return rule
-
-
-def _slice(e, in_axes, n):
-    (a,) = in_axes
-    p = e.params
-    if p["start_indices"][a] != 0 or p["limit_indices"][a] != n or \
-            (p["strides"] and p["strides"][a] != 1):
-        raise Unstreamable("slice cuts the batch axis")
-    return [a], [a]
-
-
-def _dot_general(e, in_axes, n):
-    (lc, rc), (lb, rb) = e.params["dimension_numbers"]
-    al, ar = in_axes
-    nl, nr = len(_shape(e.invars[0])), len(_shape(e.invars[1]))
-    lfree = [d for d in range(nl) if d not in lc and d not in lb]
-    if al is not None:
-        if al in lc:
-            j = lc.index(al)
-            if ar not in (None, rc[j]):
-                raise Unstreamable("dot_general contracts the batch with another axis")
-            return [al, rc[j]], ["sum"]
-        if al in lb:
-            j = lb.index(al)
-            if ar not in (None, rb[j]):
-                raise Unstreamable("dot_general pairs the batch with another axis")
-            return [al, rb[j]], [j]
-        if ar is not None:
-            raise Unstreamable("dot_general multiplies two batches (outer product)")
-        return [al, None], [len(lb) + lfree.index(al)]
-    rfree = [d for d in range(nr) if d not in rc and d not in rb]
-    if ar in rc:
-        return [lc[rc.index(ar)], ar], ["sum"]
-    if ar in rb:
-        j = rb.index(ar)
-        return [lb[j], ar], [j]
-    return [None, ar], [len(lb) + len(lfree) + rfree.index(ar)]
-
-
-def _conv(e, in_axes, n):
-    lhs_spec, rhs_spec, out_spec = e.params["dimension_numbers"]
-    al, ar = in_axes
-    plain = e.params["feature_group_count"] == 1 and e.params["batch_group_count"] == 1
-    if al == lhs_spec[0] and ar is None and e.params["batch_group_count"] == 1:
-        return [al, None], [out_spec[0]]  # forward or input gradient
-    if plain and al == lhs_spec[1] and ar == rhs_spec[1]:
-        return [al, ar], ["sum"]  # weight gradient: contracts the batch
-    raise Unstreamable("conv_general_dilated reads the batch other than as its batch "
-                       "dimension or a weight gradient's contraction")
-
-
-def _gather(e, in_axes, n):
-    dn = e.params["dimension_numbers"]
-    ao, ai = in_axes
-    n_idx = len(_shape(e.invars[1]))
-    if ai is None or ai == n_idx - 1:
-        raise Unstreamable("gather picks rows across the batch (global indices)")
-    ob, ib = tuple(dn.operand_batching_dims), tuple(dn.start_indices_batching_dims)
-    if ai in ib:  # per-example rows of a (batched or batch-shaped) operand
-        a = ob[ib.index(ai)]
-        if ao not in (None, a):
-            raise Unstreamable("gather indexes into the batch of its operand")
-    elif ao is not None:
-        raise Unstreamable("gather indexes into the batch of its operand")
-    else:
-        a = None  # rows of a global table (an embedding lookup)
-    n_out = len(_shape(e.outvars[0]))
-    batch_dims = [d for d in range(n_out) if d not in dn.offset_dims]
-    return [a, ai], [batch_dims[ai]]
-
-
-def _scatter(add: bool):
-    def rule(e, in_axes, n):
-        dn = e.params["dimension_numbers"]
-        ao, ai, au = in_axes[:3]
-        n_idx = len(_shape(e.invars[1]))
-        upd_scatter = [d for d in range(len(_shape(e.invars[2])))
-                       if d not in dn.update_window_dims]
-        if ai is None or ai == n_idx - 1 or au not in (None, upd_scatter[ai]):
-            raise Unstreamable(f"{e.primitive} writes across the batch")
-        ob, ib = tuple(dn.operand_batching_dims), tuple(dn.scatter_indices_batching_dims)
-        if ai in ib:  # per-example rows of a batched operand
-            a = ob[ib.index(ai)]
-            if ao not in (None, a):
-                raise Unstreamable(f"{e.primitive} operand batched along another axis")
-            return [a, ai, upd_scatter[ai]], [a]
-        if ao is not None or not add:
-            raise Unstreamable(f"{e.primitive} into a global operand is not a sum")
-        return [None, ai, upd_scatter[ai]], ["sum"], {0: 0}  # e.g. embedding gradient
-    return rule
-
-
-def _window(e, in_axes, n):
-    a = _common_axis(e, in_axes)
-    p = e.params
-    if p["window_dimensions"][a] != 1 or p["window_strides"][a] != 1 or \
-            tuple(p["padding"][a]) != (0, 0):
-        raise Unstreamable(f"{e.primitive} windows over the batch axis")
-    return _aligned(e, in_axes, a, n), [a] * len(e.outvars)
-
+# ------------------------------------------------------------------ the scan rule
 
 def _scan(e, in_axes, n):
     """A scan over batched operands: its body is classified like the program (a fixed
@@ -320,71 +117,7 @@ def _check_accumulator(eqns, outvars, v_in, v_out, partial):
                            "other than by adding to it")
 
 
-def _multi_identity(e, in_axes, n):  # optimization_barrier and the like: output i = operand i
-    if any(a is None for a in in_axes):
-        raise Unstreamable(f"{e.primitive} holds batched and global values together")
-    return list(in_axes), list(in_axes)
-
-
-ELEMENTWISE = frozenset("""abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt
-    ceil clamp conj convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc
-    exp exp2 expm1 floor ge gt igamma imag integer_pow is_finite le lgamma log log1p logistic
-    lt max min mul ne neg nextafter not or pow real reduce_precision rem round rsqrt select_n
-    shift_left shift_right_arithmetic shift_right_logical sign sin sinh sqrt square
-    stop_gradient sub tan tanh xor population_count name""".split())
-
-RULES = {
-    **{p: _elementwise for p in ELEMENTWISE},
-    "reduce_sum": _reduce("sum"), "reduce_max": _reduce("max"), "reduce_min": _reduce("min"),
-    "reduce_prod": _reduce(None), "reduce_and": _reduce(None), "reduce_or": _reduce(None),
-    "argmax": _reduce(None), "argmin": _reduce(None),
-    "cumsum": _axis_param("axis"), "cumprod": _axis_param("axis"),
-    "cummax": _axis_param("axis"), "cummin": _axis_param("axis"),
-    "cumlogsumexp": _axis_param("axis"), "sort": _axis_param("dimension"),
-    "concatenate": _axis_param("dimension"), "split": _axis_param("axis"),
-    "broadcast_in_dim": _broadcast_in_dim, "reshape": _reshape, "squeeze": _squeeze,
-    "transpose": _transpose,
-    "rev": _untouched("dimensions", lambda dims, a, n: a not in dims),
-    "pad": _untouched("padding_config", lambda cfg, a, n: tuple(cfg[a]) == (0, 0, 0)),
-    "slice": _slice,
-    "dynamic_slice": _untouched("slice_sizes", lambda s, a, n: s[a] == n),
-    "dot_general": _dot_general, "conv_general_dilated": _conv, "gather": _gather,
-    "scatter-add": _scatter(True), "scatter_add": _scatter(True), "scatter": _scatter(False),
-    "reduce_window_sum": _window, "reduce_window_max": _window,
-    "reduce_window_min": _window, "select_and_scatter_add": _window,
-    "optimization_barrier": _multi_identity, "scan": _scan,
-}
-
-# ops through which a per-iteration sum over the batch stays a sum (inside scan bodies):
-# the first operand is the sum, the others are global (or, for add/sub, sums too)
-_LINEAR = frozenset({"neg", "reshape", "transpose", "broadcast_in_dim", "convert_element_type",
-                     "reduce_sum", "squeeze", "copy", "copy_p", "mul", "div", "dot_general",
-                     "slice", "dynamic_slice", "rev"})
-_ADDITIVE = frozenset({"add", "add_any", "sub"})
-
-
-def _rebuildable(e, ax) -> bool:
-    """A broadcast whose batch-sized axis ``ax`` comes from nothing batch-sized (zeros,
-    a scalar, a size-1 axis): rebuilt at micro-batch size instead of sliced."""
-    if e.primitive.name != "broadcast_in_dim":
-        return False
-    bd = tuple(e.params["broadcast_dimensions"])
-    return ax not in bd or _shape(e.invars[0])[bd.index(ax)] == 1
-
-
-# the param holding each primitive's output extent along the batch axis (default: none)
-_SHAPE_PARAM = {"broadcast_in_dim": "shape", "reshape": "new_sizes", "slice": "limit_indices",
-                "dynamic_slice": "slice_sizes"}
-
-
-def _micro_params(e, axes_out, m) -> dict:
-    """Params of a batched equation re-run at micro-batch size ``m`` (shape params only)."""
-    key = _SHAPE_PARAM.get(e.primitive.name)
-    if key is None or not axes_out or not isinstance(axes_out[0], int):
-        return {}
-    sizes = list(e.params[key])
-    sizes[axes_out[0]] = m
-    return {key: tuple(sizes)}
+RULES["scan"] = _scan  # here: it classifies the body with the analysis below
 
 
 # ------------------------------------------------------------------ analysis
@@ -456,7 +189,7 @@ def _classify(eqns, axis: dict, n: int, partial: dict | None):
         h.op_axes = [None if x is None else int(x) for x in h.op_axes]
         h.outs = [x if x is None or isinstance(x, str) else int(x) for x in h.outs]
         for x, ax in zip(e.invars, h.op_axes):
-            if ax is not None and _shape(x)[ax] != n:
+            if ax is not None and shape_of(x)[ax] != n:
                 raise Unstreamable(f"{e.primitive}: operand axis {ax} is not the batch")
             if ax is not None and ir.is_var(x) and x not in axis:
                 aligned.setdefault(x, set()).add(ax)
@@ -484,7 +217,7 @@ def _check_linear(e, partial, in_axes) -> list:
     parts = [ir.is_var(a) and a in partial for a in e.invars]
     name = e.primitive.name
     if not any(a is not None for a in in_axes):
-        if name in _ADDITIVE and all(p or ir.is_var(a) for p, a in zip(parts, e.invars)):
+        if name in ADDITIVE and all(p or ir.is_var(a) for p, a in zip(parts, e.invars)):
             return [a for p, a in zip(parts, e.invars) if not p]
         if name == "convert_element_type" and not all(
                 jnp.issubdtype(x.aval.dtype, jnp.floating) for x in (e.invars[0], e.outvars[0])):
@@ -492,7 +225,7 @@ def _check_linear(e, partial, in_axes) -> list:
         elif name in ("mul", "div", "dot_general") and not jnp.issubdtype(
                 e.outvars[0].aval.dtype, jnp.floating):
             pass  # integer division (and wrapping products) do not split over sums
-        elif name in _LINEAR and sum(parts) == 1 and (parts[0] or name in ("mul", "dot_general")):
+        elif name in LINEAR and sum(parts) == 1 and (parts[0] or name in ("mul", "dot_general")):
             return []
     raise Unstreamable(f"{e.primitive} of a per-iteration sum over the batch is not linear")
 
@@ -648,10 +381,10 @@ class _Micro:
             # broadcast (zeros, a scalar), else sliced
             if (v, ax) not in memo:
                 i = producer.get(v)
-                if i is not None and _rebuildable(eqns[i], ax):
+                if i is not None and rebuildable(eqns[i], ax):
                     e = eqns[i]
                     memo[v, ax] = ir.bind_eqn(e, [read(a) for a in e.invars],
-                                              **_micro_params(e, [ax], self.m))[0]
+                                              **micro_params(e, [ax], self.m))[0]
                 else:
                     memo[v, ax] = lax.dynamic_slice_in_dim(env[v], self.idx * self.m,
                                                            self.m, axis=ax)
@@ -670,7 +403,7 @@ class _Micro:
             if h.body is not None:
                 outs = self.scan(e, h.body, vals)
             else:
-                outs = ir.bind_eqn(e, vals, **_micro_params(e, h.outs, self.m))
+                outs = ir.bind_eqn(e, vals, **micro_params(e, h.outs, self.m))
             for v, o, x in zip(e.outvars, h.outs, outs):
                 if partials is not None and o in ("sum", "max", "min"):
                     partials[v] = x
