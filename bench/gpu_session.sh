@@ -15,7 +15,8 @@ $PY -c "import sys, jax; print('python', sys.version.split()[0], 'jax', jax.__ve
   | tee -a "$OUT/gpu.txt"
 # The suite checks this JAX version; notebooks and graphviz drawings need packages the
 # image lacks, so those two files stay out.
-( JAX_PLATFORMS=cpu GRAPHOPT_PROGRESS=0 nice -n 19 timeout "${TEST_S:-420}" \
+# SIGINT at the time limit: pytest still prints its summary of the tests that ran.
+( JAX_PLATFORMS=cpu GRAPHOPT_PROGRESS=0 nice -n 19 timeout -s INT "${TEST_S:-420}" \
     $PY -m pytest -q -n "${TEST_WORKERS:-6}" -p no:cacheprovider --no-header -rfE \
     --ignore=tests/test_notebooks.py --ignore=tests/test_viz.py tests \
     > "$OUT/pytest.log" 2>&1; echo "pytest exit $?" >> "$OUT/pytest.log" ) &

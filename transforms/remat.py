@@ -120,7 +120,7 @@ def _segment_fun(jaxpr, seg):
 
 # Per-element primitives XLA fuses into their consumers rather than materializing.
 _FUSIBLE = frozenset((
-    "add", "add_any", "sub", "mul", "div", "neg", "max", "min", "abs", "sign", "square",
+    "add", "add_any", "sub", "mul", "div", "neg", "max", "min", "abs", "sign", "square", "one_minus_square",
     "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "select_n", "sqrt", "rsqrt",
     "exp", "log", "tanh", "logistic", "integer_pow", "pow", "erf", "broadcast_in_dim",
     "reshape", "squeeze", "expand_dims", "convert_element_type", "copy", "copy_p"))
@@ -395,11 +395,26 @@ def _target_level(cj: ir.ClosedJaxpr):
     return None
 
 
+def _rematerialized(jaxpr) -> bool:
+    """Whether graphopt's recomputations or micro-batch loops are in this program already
+    (at its top level, in a scan body, or under one jit)."""
+    if (any(ir.name_stack(e).split("/")[0] == "remat" for e in jaxpr.eqns)
+            or remat_scan.scan_rematerialized(jaxpr)):
+        return True
+    return any(_rematerialized(ir.as_closed(sub).jaxpr) for e in jaxpr.eqns
+               if e.primitive.name in ("jit", "pjit", "closed_call")
+               for _, _, sub in ir.subjaxpr_params(e))
+
+
 def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
     stats = Stats()
     budget = ctx.option("memory_budget")
     if budget is None:
         stats.note("remat: no memory_budget given; nothing to do")
+        return PassResult(cj, False, stats)
+    if _rematerialized(cj.jaxpr):
+        # a fraction refers to the un-rematerialized program: never compound it
+        stats.note("remat: program already rematerialized by graphopt; left as is")
         return PassResult(cj, False, stats)
     found = _target_level(cj)
     if found is None:
@@ -412,11 +427,6 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
     positions = None if ctx.arg_positions is None else [
         None if k is None else ctx.arg_positions[k] for k in invar_map]
     original = inner  # micro-batches stream the program as given, not a rewritten one
-    if (any(ir.name_stack(e).split("/")[0] == "remat" for e in inner.jaxpr.eqns)
-            or remat_scan.scan_rematerialized(inner.jaxpr)):
-        # a fraction refers to the un-rematerialized program: never compound it
-        stats.note("remat: program already rematerialized by graphopt; left as is")
-        return PassResult(cj, False, stats)
     how = ctx.option("remat_measure", "xla")
     if how not in MEASURES:
         raise ValueError(f"remat: remat_measure must be one of {sorted(MEASURES)}, got {how!r}")

@@ -425,6 +425,9 @@ class _Micro:
         return list(carry) + list(ys)
 
 
+PEEL = True
+
+
 def stream(cj: ir.ClosedJaxpr, k: int, an: Analysis | None = None) -> ir.ClosedJaxpr:
     """``cj`` run over ``k`` micro-batches (``k`` divides the batch)."""
     an = an or analyse(cj)
@@ -461,12 +464,21 @@ def stream(cj: ir.ClosedJaxpr, k: int, an: Analysis | None = None) -> ir.ClosedJ
                 order = sorted(set(an.cone[j]) | set(reds))
                 parts: dict = {}
                 _Micro(m, xs[0]).run(eqns, an.how, an.axis, benv, order, parts)
-                acc = [_combine(kd, a, parts[v] if v in parts else benv[v])
-                       for (_, kd, v), a in zip(comb, acc)]
+                got = [parts[v] if v in parts else benv[v] for _, _, v in comb]
+                acc = got if acc is None else [_combine(kd, a, p) for (_, kd, _), a, p in
+                                               zip(comb, acc, got)]
                 return acc, [benv[an.outvars[o]] for o in outs]
-            init = [_init(kd, v.aval) for _, kd, v in comb]
+            idx = jnp.arange(k)
             with jax.named_scope(f"remat/stream{j}"):
-                acc, ys = lax.scan(body, init, [jnp.arange(k)] + [x for _, x in xs_in])
+                if PEEL:
+                    with jax.named_scope("first"):
+                        acc, y0 = body(None, [idx[0]] + [x[0] for _, x in xs_in])
+                    acc = [a.astype(v.aval.dtype) for a, (_, _, v) in zip(acc, comb)]
+                    acc, ys = lax.scan(body, acc, [idx[1:]] + [x[1:] for _, x in xs_in])
+                    ys = [jnp.concatenate([a[None], b]) for a, b in zip(y0, ys)]
+                else:
+                    init = [_init(kd, v.aval) for _, kd, v in comb]
+                    acc, ys = lax.scan(body, init, [idx] + [x for _, x in xs_in])
             for (i, kd, v), a in zip(comb, acc):
                 base = an.how[i].base.get(eqns[i].outvars.index(v))
                 if base is not None:
