@@ -116,7 +116,8 @@ def pareto_vs_hand(name, cj, args, make, base):
     recompute >= 15% fewer FLOPs there, or use >= 15% less memory at <= the same FLOPs.
     FLOPs recomputed: :func:`flops_of` the program minus that of the step without remat."""
     base_flops = flops_of(cj)
-    xla_flops = analysis.xla_cost(jax.jit(ir.jaxpr_as_fun(cj)), *jax.tree_util.tree_leaves(args))["flops"]
+    leaves = jax.tree_util.tree_leaves(args)
+    xla_flops = analysis.xla_cost(jax.jit(ir.jaxpr_as_fun(cj)), *leaves)["flops"]
     print(f"  Pareto vs hand-placed per-block jax.checkpoint ({name}):")
     print(f"  {'policy':>34} {'hand MiB':>8} {'hand GFLOP':>10} {'':>10} {'graphopt MiB':>12} "
           f"{'graphopt GFLOP':>14}  verdict")
@@ -127,7 +128,8 @@ def pareto_vs_hand(name, cj, args, make, base):
         s = make(pol)
         m_h = analysis.xla_memory(s, *args)["temp_bytes"]
         f_h = flops_of(jax.make_jaxpr(s)(*args)) - base_flops
-        if m_h >= 0.99 * base and analysis.xla_cost(jax.jit(s), *args)["flops"] <= 1.001 * xla_flops:
+        if (m_h >= 0.99 * base
+                and analysis.xla_cost(jax.jit(s), *args)["flops"] <= 1.001 * xla_flops):
             # XLA merged the hand-placed recomputation back: the no-remat program itself
             print(f"  {pname:>34} {m_h / MiB:>8.1f} {f_h / 1e9:>10.3f} {'':>12} {'':>14}  n/a: no "
                   "effect (XLA removed the recomputation), nothing to beat")

@@ -201,7 +201,8 @@ def _clamp_flops(eqn) -> float:
 # Arithmetic done once per output element.
 _ELEMENTWISE = (
     "add", "add_any", "sub", "mul", "div", "rem", "neg", "max", "min", "abs", "sign",
-    "floor", "ceil", "round", "nextafter", "square", "one_minus_square", "eq", "ne", "lt", "le", "gt", "ge",
+    "floor", "ceil", "round", "nextafter", "square", "one_minus_square", "eq", "ne", "lt",
+    "le", "gt", "ge",
     "and", "or", "not", "xor", "shift_left", "shift_right_logical",
     "shift_right_arithmetic", "population_count", "clz", "select_n", "is_finite", "conj",
     "sqrt", "rsqrt", "cbrt", "pow",

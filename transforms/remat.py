@@ -120,7 +120,8 @@ def _segment_fun(jaxpr, seg):
 
 # Per-element primitives XLA fuses into their consumers rather than materializing.
 _FUSIBLE = frozenset((
-    "add", "add_any", "sub", "mul", "div", "neg", "max", "min", "abs", "sign", "square", "one_minus_square",
+    "add", "add_any", "sub", "mul", "div", "neg", "max", "min", "abs", "sign", "square",
+    "one_minus_square",
     "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "select_n", "sqrt", "rsqrt",
     "exp", "log", "tanh", "logistic", "integer_pow", "pow", "erf", "broadcast_in_dim",
     "reshape", "squeeze", "expand_dims", "convert_element_type", "copy", "copy_p"))

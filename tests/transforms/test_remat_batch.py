@@ -44,7 +44,7 @@ def _assert_same(cj, new, flat, tol):
 
 
 def _loops(cj):
-    """The micro-batch loops: the first micro-batch of each runs before it, unrolled."""
+    """The micro-batch loops (with more than 2 micro-batches the first runs before its loop)."""
     return [e for e in cj.jaxpr.eqns if e.primitive.name == "scan"
             and re.fullmatch(r"remat/stream\d+", ir.name_stack(e))]
 
