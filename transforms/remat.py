@@ -32,7 +32,7 @@ it into the backward consumers (``remat_narrow_fence``).
 Budget (option ``memory_budget``): int bytes, a string like ``"2GiB"``/``"300MB"``, or
 a float in (0, 1] = that fraction of the un-rematerialized program's XLA temp memory
 (``temp_size_in_bytes``). The plan's byte model is calibrated against XLA's figure by
-compiling candidates (a few compiles per program). A budget at or above the
+compiling candidates (a few compiles per program; :mod:`.remat_budget`). A budget at or above the
 un-rematerialized need is a no-op (noted); a budget below the smallest reachable one
 raises ``ValueError`` stating that smallest feasible budget in bytes.
 
@@ -43,49 +43,19 @@ equations are duplicated, inside the fence).
 from __future__ import annotations
 
 import functools
-import re
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from graphopt import analysis, ir, progress
+from graphopt import analysis, ir
 from graphopt.interpreter import Stats
 from graphopt.passes import Pass, PassContext, PassResult, register_pass
 
-from . import remat_plan, remat_scan
+from . import remat_micro, remat_plan, remat_scan
+from .remat_budget import (MEASURES, BudgetError, choose, estimated_temp, finish,
+                           next_target, parse_budget, xla_temp)
 from .remat_plan import Plan, backward_start, build_plan, recomputed_segments
-from .remat_solvers import solve, solve_greedy
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20,
-          "gib": 2**30, "tib": 2**40}
-
-
-def parse_budget(budget, reference: int | None = None) -> int:
-    """Bytes for an int, a string like "2GiB", or a float fraction of ``reference``."""
-    if isinstance(budget, bool) or budget is None:
-        raise ValueError(f"remat: memory_budget must be bytes, a string like '2GiB' or a "
-                         f"fraction in (0, 1], got {budget!r}")
-    if isinstance(budget, int):
-        if budget <= 0:
-            raise ValueError(f"remat: memory_budget must be positive, got {budget} bytes")
-        return budget
-    if isinstance(budget, float):
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(f"remat: a float memory_budget is a fraction in (0, 1], got {budget}")
-        if reference is None:
-            raise ValueError("remat: a fractional memory_budget needs the program's temp memory")
-        return max(1, int(budget * reference))
-    if isinstance(budget, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
-        if m and m.group(2).lower() in _UNITS:
-            return max(1, int(float(m.group(1)) * _UNITS[m.group(2).lower()]))
-        raise ValueError(f"remat: cannot read memory_budget {budget!r}; write e.g. '2GiB', "
-                         f"'512MiB', '300MB' or bytes as an int")
-    raise ValueError(f"remat: memory_budget must be int, str or float, got "
-                     f"{type(budget).__name__}")
-
+from .remat_solvers import solve_greedy
 
 # ------------------------------------------------------------------------- the fence
 
@@ -249,123 +219,6 @@ def apply_post_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats,
     return ir.closed(new, list(cj.consts) + [c for _, c in consts])
 
 
-# ----------------------------------------------------------------------- calibration
-
-def _specs(cj):
-    return [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
-            for a in cj.in_avals]
-
-
-def xla_temp(cj: ir.ClosedJaxpr) -> int:
-    """XLA's temp bytes of a closed jaxpr compiled for its input avals."""
-    return analysis.xla_memory(cj, *_specs(cj))["temp_bytes"]
-
-
-def estimated_temp(cj: ir.ClosedJaxpr) -> int:
-    """graphopt's own liveness estimate (no compile; option remat_measure='estimate')."""
-    return int(analysis.peak_memory(cj)[0])
-
-
-MEASURES = {"xla": xla_temp, "estimate": estimated_temp}
-
-
-class BudgetError(ValueError):
-    """The memory budget is below what rematerialization can reach."""
-
-
-def next_target(points, budget_bytes: int, model: float, mem: int):
-    """The model target to solve for next, from the (model bytes, measured bytes) so far.
-
-    XLA's figure moves with the model's but not one to one (GPT on a GPU: 0.3-0.4 measured
-    bytes per model byte), so a step by the measured excess alone needs many compiles.
-    With a bracket (a plan under the budget, one over) interpolate between its two
-    nearest points; else step along the slope of the last two points, aiming at the
-    budget. ``model``/``mem``: the last plan's. None when nothing is left.
-    """
-    under = [p for p in points if p[1] <= budget_bytes]
-    over = [p for p in points if p[1] > budget_bytes]
-    if under and over:
-        lo = max(under)                    # most model bytes that still fit
-        hi = min(over)                     # fewest model bytes that did not
-        if hi[0] <= lo[0]:
-            return None                    # not monotone here: the best found stands
-        t = lo[0] + (hi[0] - lo[0]) * (budget_bytes - lo[1]) / (hi[1] - lo[1])
-        return min(max(t, lo[0] + 0.1 * (hi[0] - lo[0])), hi[0] - 0.1 * (hi[0] - lo[0]))
-    slope = 1.0                            # no evidence yet: one model byte per measured byte
-    if len(points) >= 2:
-        (m1, x1), (m2, x2) = points[-2], points[-1]
-        if m1 != m2 and (x2 - x1) / (m2 - m1) > 0.05:
-            slope = (x2 - x1) / (m2 - m1)
-    if over:                               # over budget so far: tighten (0: least memory)
-        return max(0.0, model - (mem - budget_bytes) / slope)
-    return model + (budget_bytes - mem) / slope  # under budget: loosen to recompute less
-
-
-def choose(plan: Plan, build, measure, budget_bytes: int, base_mem: int, *, solver="auto",
-           tolerance: float = 0.05, max_compiles: int = 6, time_limit: float = 10.0,
-           stats: Stats | None = None, known: dict | None = None, anchor=None):
-    """Pick a plan whose measured memory is <= budget * (1 + tolerance), fewest FLOPs.
-
-    ``build(remat) -> program``, ``measure(program) -> bytes``. Calibrates the byte model
-    target against the measured figures (:func:`next_target`; at most ``max_compiles``
-    compiles). ``anchor``: (model bytes, measured bytes) of a plan already measured. Returns
-    (program, solution, measured bytes); raises :class:`BudgetError` when unreachable.
-    """
-    stats = stats if stats is not None else Stats()
-    m_none = plan.model_bytes([False] * len(plan.segments))
-    limit = budget_bytes * (1 + tolerance)
-    # (model bytes, measured bytes) known so far: no remat, and the least-memory plan if
-    # the caller measured it (then the first target interpolates between the two)
-    points: list = [(m_none, base_mem)] + ([tuple(anchor)] if anchor is not None else [])
-    target = next_target(points, budget_bytes, m_none, base_mem)
-    if target is None:
-        target = budget_bytes - (base_mem - m_none)
-    best = None
-    tried: dict = {}
-    known = dict(known or {})  # plan -> measured bytes, already compiled by the caller
-    with progress.bar(max_compiles, "remat: calibrate", leave=False) as pbar:
-        for _ in range(max_compiles):
-            sol = solve(plan, int(target), solver, time_limit)
-            key = tuple(sol.remat)
-            if key not in tried:
-                prog = build(sol.remat)
-                tried[key] = (prog, known[key] if key in known else measure(prog))
-                points.append((sol.model_bytes, tried[key][1]))
-                pbar.update()
-            prog, mem = tried[key]
-            stats.note(f"remat: {sol.solver} in {sol.seconds * 1e3:.1f} ms for model target "
-                       f"{analysis.fmt_bytes(target)}: {sum(sol.remat)}/{len(sol.remat)} segments,"
-                       f" XLA temp {analysis.fmt_bytes(mem)}")
-            if mem <= limit:
-                if best is None or sol.flops < best[1].flops:
-                    best = (prog, sol, mem)
-                if mem >= 0.9 * budget_bytes:
-                    break
-            nxt = next_target(points, budget_bytes, sol.model_bytes, mem)
-            if nxt is None or abs(nxt - target) < 1024:
-                break
-            target = nxt
-    if best is not None:
-        return best
-    # Unreachable: report the smallest feasible budget (the least-memory plan, measured).
-    sol = solve_greedy(plan, 0)
-    key = tuple(sol.remat)
-    if key not in tried:
-        prog = build(sol.remat)
-        tried[key] = (prog, known[key] if key in known else measure(prog))
-    floor = min(m for _, m in tried.values())
-    if floor <= limit:
-        prog, mem = min(tried.values(), key=lambda t: t[1])
-        return prog, sol, mem
-    raise BudgetError(_infeasible_msg(budget_bytes, floor, base_mem))
-
-
-def _infeasible_msg(budget_bytes: int, floor: int, base_mem: int) -> str:
-    return (f"remat: memory_budget of {budget_bytes} bytes ({analysis.fmt_bytes(budget_bytes)}) "
-            f"is below what rematerialization reaches: the smallest feasible budget is {floor} "
-            f"bytes ({analysis.fmt_bytes(floor)}); without remat the program needs {base_mem} bytes")
-
-
 # ------------------------------------------------------------------------- the pass
 
 def _target_level(cj: ir.ClosedJaxpr):
@@ -448,8 +301,8 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
                    f"un-rematerialized temp memory {analysis.fmt_bytes(base)}: no-op")
         return PassResult(cj, False, stats)
 
-    micro = remat_micro.MicroBatching(cj, original, wrap, measure, budget_bytes, base,
-                                      stats, micro_opt, positions)
+    micro = remat_micro.MicroBatching(original, wrap, measure, budget_bytes, base, stats,
+                                      micro_opt, positions)
     done = micro.first()
     if done is not None:
         return done
@@ -484,8 +337,8 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
             if over is not None:
                 return over
             remat_scan.apply_scans(inner, splan, k, stats)  # the notes and hits of the choice
-            return _done(cj, prog, stats, f"solver scan-greedy ({remat_scan.level_desc(splan, k)})",
-                         base, mem, budget_bytes, fl)
+            return finish(prog, stats, f"solver scan-greedy ({remat_scan.level_desc(splan, k)})",
+                          base, mem, budget_bytes, fl)
         if k_all != splan.base_k:  # chunking is chosen by the byte model: check XLA agrees
             m_base = measure(build_scan(splan.base_k, splan))
             if m_base <= m_all:
@@ -562,8 +415,8 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
             return micro.below_floor(min(floor, seg_base))
         prog = wrap(apply_post_ad(inner, plan, cur, stats, order_backward=order,
                                   narrow=narrow, skip_kept=skip))
-        return _done(cj, prog, stats, "solver greedy+measured refinement", base, floor,
-                     budget_bytes, _flops(inner, plan, cur, skip) + scan_flops)
+        return finish(prog, stats, "solver greedy+measured refinement", base, floor,
+                      budget_bytes, _flops(inner, plan, cur, skip) + scan_flops)
 
     prog, sol, mem = choose(plan, build, measure, budget_bytes, seg_base,
                             solver=ctx.option("remat_solver", "auto"),
@@ -574,8 +427,8 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
         return PassResult(cj, False, stats)
     prog = wrap(apply_post_ad(inner, plan, sol.remat, stats, order_backward=order,
                               narrow=narrow, skip_kept=skip))
-    return _done(cj, prog, stats, f"solver {sol.solver} ({sol.seconds * 1e3:.1f} ms)", base,
-                 mem, budget_bytes, _flops(inner, plan, sol.remat, skip) + scan_flops)
+    return finish(prog, stats, f"solver {sol.solver} ({sol.seconds * 1e3:.1f} ms)", base,
+                  mem, budget_bytes, _flops(inner, plan, sol.remat, skip) + scan_flops)
 
 
 def _flops(cj, plan, remat, skip_kept) -> float:
@@ -585,17 +438,7 @@ def _flops(cj, plan, remat, skip_kept) -> float:
     return float(sum(s.flops for s in recomputed_segments(cj.jaxpr, plan, remat)))
 
 
-def _done(cj, prog, stats, how, base, mem, budget_bytes, flops):
-    stats.note(f"remat: {how}; XLA temp {analysis.fmt_bytes(base)} -> "
-               f"{analysis.fmt_bytes(mem)} (saved {analysis.fmt_bytes(base - mem)}) for budget "
-               f"{analysis.fmt_bytes(budget_bytes)}; recomputes {analysis.fmt_flops(flops)}")
-    stats.hit("remat.flops_recomputed", int(flops))
-    stats.hit("remat.bytes_saved", int(base - mem))
-    return PassResult(prog, True, stats)
-
-
 from .remat_pre import make_remat, apply_pre_ad  # noqa: E402  (pre-AD placement)
-from . import remat_micro  # noqa: E402  (it reads _done and BudgetError from here)
 
 register_pass(Pass("remat", remat_pass,
                    "rematerialize under memory_budget: recompute forward segments before "
@@ -603,4 +446,5 @@ register_pass(Pass("remat", remat_pass,
                    "segments (graphopt.remat, pre-AD)", "remat"))
 
 __all__ = ["remat_pass", "make_remat", "apply_post_ad", "apply_pre_ad", "parse_budget",
-           "fenced", "choose", "xla_temp", "BudgetError", "remat_plan"]
+           "fenced", "choose", "xla_temp", "estimated_temp", "next_target", "BudgetError",
+           "remat_plan"]

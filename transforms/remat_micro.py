@@ -11,7 +11,7 @@ from graphopt import analysis
 from graphopt.passes import PassResult
 
 from . import remat_batch, remat_scan
-from .remat import BudgetError, _done, _infeasible_msg
+from .remat_budget import BudgetError, finish, infeasible_msg
 
 
 class MicroBatching:
@@ -21,9 +21,8 @@ class MicroBatching:
     on CPU: 1.5-2x slower), or when ``remat_micro_batches`` asks for it; otherwise below
     the floor of choosing what to keep. The fewest micro-batches that meet the budget win."""
 
-    def __init__(self, cj, original, wrap, measure, budget_bytes, base, stats, option,
-                 positions):
-        self.cj, self.original, self.wrap, self.measure = cj, original, wrap, measure
+    def __init__(self, original, wrap, measure, budget_bytes, base, stats, option, positions):
+        self.original, self.wrap, self.measure = original, wrap, measure
         self.budget_bytes, self.base, self.stats, self.option = budget_bytes, base, stats, option
         self.an, self.tried, self.why, self.positions = None, {}, "", positions
         if option is not False:
@@ -53,8 +52,8 @@ class MicroBatching:
                                 f"batch, recomputing {analysis.fmt_flops(flops)} (measured "
                                 + self._measured() + ")")
                 self.stats.hit("remat.micro_batches", k)
-                return _done(self.cj, prog, self.stats, f"micro-batches ({k} x {an.n // k})",
-                             self.base, m, self.budget_bytes, flops)
+                return finish(prog, self.stats, f"micro-batches ({k} x {an.n // k})",
+                              self.base, m, self.budget_bytes, flops)
         return None
 
     def _measured(self) -> str:
@@ -98,9 +97,9 @@ class MicroBatching:
                                     f"recomputed against {analysis.fmt_flops(flops_keep)} "
                                     "without micro-batches")
                     self.stats.hit("remat.micro_batches", k)
-                    return _done(self.cj, prog, self.stats,
-                                 f"scan rewrite + micro-batches ({k} x {an.n // k})",
-                                 self.base, m, self.budget_bytes, fl)
+                    return finish(prog, self.stats,
+                                  f"scan rewrite + micro-batches ({k} x {an.n // k})",
+                                  self.base, m, self.budget_bytes, fl)
         return None
 
     def below_floor(self, floor: int) -> PassResult:
@@ -111,4 +110,4 @@ class MicroBatching:
                 return done
             self.stats.note("remat: micro-batches measured " + self._measured())
             floor = min([floor] + [m for m, _ in self.tried.values()])
-        raise BudgetError(_infeasible_msg(self.budget_bytes, floor, self.base) + self.why)
+        raise BudgetError(infeasible_msg(self.budget_bytes, floor, self.base) + self.why)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from graphopt import analysis, ir
 from graphopt.interpreter import Stats
 
+from .remat_budget import BudgetError, infeasible_msg, choose, parse_budget
 from .remat_plan import SAVED_BY, Plan, build_plan, recomputable
 from .remat_solvers import solve_greedy
 
@@ -223,7 +224,6 @@ class Rematted:
     def __init__(self, fun, memory_budget, **options):
         if not callable(fun):
             raise TypeError(f"graphopt.remat expects a function, got {type(fun).__name__}")
-        from .remat import parse_budget
         parse_budget(memory_budget, 1)  # reject a malformed budget now, not at first call
         self.fun = fun
         self.memory_budget = memory_budget
@@ -266,7 +266,6 @@ class Rematted:
 def remat_jaxpr_pre_ad(cj, memory_budget, solver="auto", max_cuts=128, time_limit=10.0,
                        tolerance=0.05):
     """(rewritten closed jaxpr, info dict) for a function that AD will differentiate."""
-    from .remat import choose, parse_budget
     stats = Stats()
     base = grad_temp(cj)
     budget_bytes = parse_budget(memory_budget, base)
@@ -303,8 +302,7 @@ def remat_jaxpr_pre_ad(cj, memory_budget, solver="auto", max_cuts=128, time_limi
                       dots_kept_span=0)
     if not plan.segments:
         if seg_base < base:
-            from .remat import BudgetError, _infeasible_msg
-            raise BudgetError(_infeasible_msg(budget_bytes, seg_base, base))
+            raise BudgetError(infeasible_msg(budget_bytes, seg_base, base))
         stats.note("remat: nothing recomputable; no-op")
         info.update(bytes=base, flops=0.0, solver=None)
         return cj, info
@@ -315,8 +313,7 @@ def remat_jaxpr_pre_ad(cj, memory_budget, solver="auto", max_cuts=128, time_limi
     build = functools.partial(apply_pre_ad, cj, plan)
     floor = grad_temp(build(least.remat))
     if floor > budget_bytes * (1 + tolerance):
-        from .remat import BudgetError, _infeasible_msg
-        raise BudgetError(_infeasible_msg(budget_bytes, min(floor, seg_base), base))
+        raise BudgetError(infeasible_msg(budget_bytes, min(floor, seg_base), base))
     prog, sol, mem = choose(plan, build, grad_temp, budget_bytes, seg_base, solver=solver,
                             time_limit=time_limit, tolerance=tolerance, stats=stats,
                             known={tuple(least.remat): floor},
