@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from graphopt import analysis, cost, ir, progress
+from graphopt.__main__ import median_time
 from graphopt.models import cnn, gpt, mlp, rnn
 from graphopt.passes import PassContext
 from graphopt.transforms import remat, remat_scan
@@ -87,14 +88,7 @@ def graphopt_point(cj, budget, base_flops, **opts):
 
 def step_ms(cj, leaves, reps=5):
     """Median wall time of the compiled program on this machine, milliseconds."""
-    fn = jax.jit(lambda *a: jax.core.eval_jaxpr(cj.jaxpr, cj.consts, *a))
-    jax.block_until_ready(fn(*leaves))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*leaves))
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[reps // 2] * 1e3
+    return median_time(jax.jit(ir.jaxpr_as_fun(cj)), *leaves, repeats=reps) * 1e3
 
 
 WAYS = {"graphopt": {}, "keep only": {"remat_micro_batches": False}}

@@ -272,17 +272,16 @@ def batch_inputs(jaxpr, positions=None) -> tuple[int, list]:
             raise Unstreamable("the last argument's leaves do not share a leading (batch) "
                                f"axis: shapes {[shapes[i] for i in mine]}")
         n = sizes.pop()
-        if n < 2:
-            raise Unstreamable(f"batch of size {n}")
-        return n, [0 if i in mine else None for i in range(len(shapes))]
-    if not shapes or not shapes[-1]:
-        raise Unstreamable("the last argument has no batch axis (scalar or no arguments)")
-    n = shapes[-1][0]
-    axes = [None] * len(shapes)
-    for i in range(len(shapes) - 1, -1, -1):
-        if not shapes[i] or shapes[i][0] != n:
-            break
-        axes[i] = 0
+        axes = [0 if i in mine else None for i in range(len(shapes))]
+    else:
+        if not shapes or not shapes[-1]:
+            raise Unstreamable("the last argument has no batch axis (scalar or no arguments)")
+        n = shapes[-1][0]
+        axes = [None] * len(shapes)
+        for i in range(len(shapes) - 1, -1, -1):
+            if not shapes[i] or shapes[i][0] != n:
+                break
+            axes[i] = 0
     if n < 2:
         raise Unstreamable(f"batch of size {n}")
     return n, axes
@@ -344,6 +343,15 @@ def _cones(eqns, outvars, axis, loop_of, out_loop, n_loops) -> dict:
 
 # ------------------------------------------------------------------ rewrite
 
+def _read(env, a):
+    return ir.literal_value(a) if ir.is_literal(a) else env[a]
+
+
+def _run_as_is(e, env):
+    """Evaluate equation ``e`` on whole values from ``env`` into ``env``."""
+    env.update(zip(e.outvars, ir.bind_eqn(e, [_read(env, a) for a in e.invars])))
+
+
 def _combine(kind, acc, part):
     if kind == "sum":
         return acc + part
@@ -373,9 +381,6 @@ class _Micro:
         producer = {v: i for i, e in enumerate(eqns) for v in e.outvars}
         memo: dict = {}
 
-        def read(a):
-            return ir.literal_value(a) if ir.is_literal(a) else env[a]
-
         def micro_global(v, ax):
             # a global with a batch-sized axis read per example: rebuilt when it is a
             # broadcast (zeros, a scalar), else sliced
@@ -383,7 +388,7 @@ class _Micro:
                 i = producer.get(v)
                 if i is not None and rebuildable(eqns[i], ax):
                     e = eqns[i]
-                    memo[v, ax] = ir.bind_eqn(e, [read(a) for a in e.invars],
+                    memo[v, ax] = ir.bind_eqn(e, [_read(env, a) for a in e.invars],
                                               **micro_params(e, [ax], self.m))[0]
                 else:
                     memo[v, ax] = lax.dynamic_slice_in_dim(env[v], self.idx * self.m,
@@ -393,9 +398,9 @@ class _Micro:
         for i in order:
             e, h = eqns[i], how.get(i)
             if h is None:  # global (or a sum flowing through a linear op): as it is
-                env.update(zip(e.outvars, ir.bind_eqn(e, [read(a) for a in e.invars])))
+                _run_as_is(e, env)
                 continue
-            vals = [read(a) if ax is None or not ir.is_var(a) else
+            vals = [_read(env, a) if ax is None or not ir.is_var(a) else
                     env[a] if a in axis else micro_global(a, ax)
                     for a, ax in zip(e.invars, h.op_axes)]
             for j in set(h.base.values()):
@@ -417,7 +422,7 @@ class _Micro:
             env = dict(zip(body.constvars, body.consts))
             env.update(zip(body.invars, list(vals[:nc]) + list(carry) + list(xs)))
             self.run(body.eqns, body.how, body.axis, env, range(len(body.eqns)))
-            outs = [ir.literal_value(v) if ir.is_literal(v) else env[v] for v in body.outvars]
+            outs = [_read(env, v) for v in body.outvars]
             return outs[:nk], outs[nk:]
         carry, ys = lax.scan(step, list(vals[nc:nc + nk]), list(vals[nc + nk:]),
                              length=e.params["length"], reverse=e.params["reverse"],
@@ -443,9 +448,7 @@ def stream(cj: ir.ClosedJaxpr, k: int, an: Analysis | None = None) -> ir.ClosedJ
                 if i not in an.how and i not in done and \
                         all(not ir.is_var(a) or a in env for a in e.invars):
                     done.add(i)
-                    env.update(zip(e.outvars, ir.bind_eqn(
-                        e, [ir.literal_value(a) if ir.is_literal(a) else env[a]
-                            for a in e.invars])))
+                    _run_as_is(e, env)
         xs_in = [(v, a.reshape((k, m) + a.shape[1:])) for v, a, ax in
                  zip(jaxpr.invars, args, an.batched_in) if ax is not None]
         for j in range(1, an.n_loops + 1):
@@ -484,13 +487,13 @@ def stream(cj: ir.ClosedJaxpr, k: int, an: Analysis | None = None) -> ir.ClosedJ
                 base = an.how[i].base.get(eqns[i].outvars.index(v))
                 if base is not None:
                     x = eqns[i].invars[base]
-                    a = a + (ir.literal_value(x) if ir.is_literal(x) else env[x])
+                    a = a + _read(env, x)
                 env[v] = a.astype(v.aval.dtype)
             for o, y in zip(outs, ys):
                 v = an.outvars[o]
                 env[v] = jnp.moveaxis(y, 0, an.axis[v]).reshape(v.aval.shape)
         run_globals()
-        return [ir.literal_value(v) if ir.is_literal(v) else env[v] for v in an.outvars]
+        return [_read(env, v) for v in an.outvars]
 
     new = ir.trace_flat(run, [v.aval for v in jaxpr.invars])
     return ir.closed(ir.dce_same_interface(new.jaxpr), new.consts)

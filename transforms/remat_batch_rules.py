@@ -13,6 +13,7 @@ import math
 
 from graphopt import ir
 
+
 class Unstreamable(Exception):
     """The program cannot be split along its batch (the message says where)."""
 
