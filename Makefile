@@ -1,15 +1,20 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
-PYTHON ?= python3
-VENV   := .venv
+# `make test PYTHON=python3.13 VENV=.venv313` tests another Python in a venv of its own;
+# CONSTRAINTS=file pins what pip may pick (CI pins a JAX series that way); PYTEST_ARGS adds
+# pytest options (`PYTEST_ARGS="-m 'not slow'"` is the fast tier).
+PYTHON      ?= python3
+VENV        ?= .venv
+CONSTRAINTS ?=
+PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: demo test bench system-deps clean notebooks
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -25,7 +30,8 @@ demo: $(STAMP) system-deps
 	$(BIN)/python -m graphopt demo
 
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -c "import sys, jax; print('testing on Python', sys.version.split()[0], 'JAX', jax.__version__)"
+	$(BIN)/python -m pytest -q -n 2 tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline_bench.py
@@ -37,4 +43,4 @@ notebooks: $(STAMP) system-deps
 	$(BIN)/python notebooks/execute.py
 
 clean:
-	rm -rf $(VENV) graphopt-report .pytest_cache *.egg-info
+	rm -rf .venv .venv-* graphopt-report .pytest_cache *.egg-info

@@ -4,7 +4,7 @@ Trace a function into a jaxpr, rewrite it with passes (pruning, fusion,
 rematerialization, ...), run the result through XLA. Start with :func:`optimize`.
 """
 from . import ir
-from .errors import EquivalenceError, GraphoptError, PassError, RewriteError
+from .errors import EquivalenceError, GraphoptError, MissingExtraError, PassError, RewriteError
 from .interpreter import RuleTable, Rewriter, Stats
 from .passes import Pass, PassContext, PassResult, Pipeline, register_pass, registered_passes
 from .api import Optimized, default_passes, optimize, optimize_jaxpr, remat
@@ -34,4 +34,5 @@ def __getattr__(name):
 __all__ = ["optimize", "remat", "draw", "diff", "memory_timeline", "pareto", "rewrite", "Optimized", "optimize_jaxpr", "default_passes", "Pass", "PassResult",
            "PassContext", "Pipeline", "RuleTable", "Rewriter", "Stats", "register_pass",
            "registered_passes", "Report", "GraphoptError", "PassError", "RewriteError",
+           "MissingExtraError",
            "EquivalenceError", "ir", "analysis", "testing"]

@@ -205,7 +205,7 @@ _ELEMENTWISE = (
     "le", "gt", "ge",
     "and", "or", "not", "xor", "shift_left", "shift_right_logical",
     "shift_right_arithmetic", "population_count", "clz", "select_n", "is_finite", "conj",
-    "sqrt", "rsqrt", "cbrt", "pow",
+    "sqrt", "rsqrt", "cbrt", "pow", "fma", "fmuladd",
 )
 # Transcendental functions: one flop per output element plus a transcendental.
 _TRANSCENDENTAL = (
@@ -213,6 +213,9 @@ _TRANSCENDENTAL = (
     "asin", "acos", "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "erf",
     "erfc", "erf_inv", "lgamma", "digamma", "igamma", "igammac", "igamma_grad_a",
     "random_gamma_grad", "bessel_i0e", "bessel_i1e", "polygamma", "zeta",
+    # JAX 0.12's new elementwise primitives
+    "log2", "log2p1", "exp2m1", "sinpi", "cospi", "tanpi", "asinpi", "acospi", "atanpi",
+    "atan2pi",
     "regularized_incomplete_beta", "pow", "sqrt", "rsqrt", "cbrt",
 )
 # Layout and data movement: no arithmetic, only bytes.

@@ -13,6 +13,7 @@ inlining a traced function's equations).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from collections.abc import Callable, Iterator, Sequence
 
@@ -262,6 +263,25 @@ def has_subjaxprs(eqn) -> bool:
     return got
 
 
+# JAX >= 0.11 folds ClosedJaxpr into Jaxpr (consts attached to the jaxpr itself), so
+# the type no longer tells an open sub-jaxpr from a closed one: these params hold closed
+# ones (consts allowed), every other sub-jaxpr param is taken as open (remat, shard_map).
+_UNIFIED_JAXPR = ClosedJaxpr is Jaxpr
+_CLOSED_SUBJAXPR_PARAMS = frozenset({
+    ("cond", "branches"), ("scan", "jaxpr"), ("while", "body_jaxpr"), ("while", "cond_jaxpr"),
+    ("jit", "jaxpr"), ("pjit", "jaxpr"), ("closed_call", "call_jaxpr"),
+    ("core_call", "call_jaxpr"), ("custom_jvp_call", "call_jaxpr"),
+    ("custom_vjp_call", "call_jaxpr"), ("custom_vjp_call_jaxpr", "fun_jaxpr"),
+})
+
+
+def is_open_subjaxpr(eqn, key: str, sub) -> bool:
+    """True if param ``key`` of ``eqn`` holds an open jaxpr (no place for consts)."""
+    if not _UNIFIED_JAXPR:
+        return not isinstance(sub, ClosedJaxpr)
+    return not sub.consts and (eqn.primitive.name, key) not in _CLOSED_SUBJAXPR_PARAMS
+
+
 def as_closed(j) -> ClosedJaxpr:
     return j if isinstance(j, ClosedJaxpr) else ClosedJaxpr(j, [])
 
@@ -275,7 +295,7 @@ def map_subjaxprs(eqn, fn: Callable[[ClosedJaxpr, bool], ClosedJaxpr]) -> JaxprE
     """
     new_params = None
     for key, idx, sub in list(subjaxpr_params(eqn)):
-        is_open = isinstance(sub, Jaxpr)
+        is_open = is_open_subjaxpr(eqn, key, sub)
         out = fn(as_closed(sub), is_open)
         if is_open:
             if out.consts:
@@ -416,9 +436,12 @@ def bind_eqn(eqn, vals: Sequence, **param_updates) -> list:
     if has_subjaxprs(eqn) and param_updates:
         raise ValueError(f"bind_eqn: cannot change params of {eqn.primitive} "
                          "(it carries sub-jaxprs)")
-    # what jax.core.eval_jaxpr does per equation (JAX 0.10 and 0.11)
+    # what jax.core.eval_jaxpr does per equation (JAX 0.10 to 0.12), the equation's
+    # name stack and source line restored so a re-bound backward stays 'transpose(...)'
     params = eqn.primitive.get_bind_params({**eqn.params, **param_updates})
-    with eqn.ctx.manager:
+    si = eqn.source_info
+    with (_siu.user_context(si.traceback, name_stack=_siu.current_name_stack() + si.name_stack),
+          eqn.ctx.manager):
         out = eqn.primitive.bind(*vals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
@@ -427,12 +450,25 @@ def jaxpr_as_fun(cj: ClosedJaxpr) -> Callable:
     return _jex.jaxpr_as_fun(cj)
 
 
+def _takes_live_ins(rule) -> bool:
+    # JAX 0.12 added ``live_ins`` (which Ref inputs are read later) before ``eqn``.
+    try:
+        return len(inspect.signature(rule).parameters) >= 3
+    except (TypeError, ValueError):
+        return False
+
+
 def dce_rule(primitive) -> Callable | None:
     """JAX's own output-pruning rule for a higher-order primitive, if it has one.
 
-    Signature ``rule(used_outputs, eqn) -> (used_inputs, new_eqn | None)``.
+    Signature ``rule(used_outputs, eqn) -> (used_inputs, new_eqn | None)`` on every JAX:
+    where JAX's rule also takes ``live_ins``, every input is treated as live (graphopt
+    never drops a write another equation could read).
     """
-    return _pe.dce_rules.get(primitive)
+    rule = _pe.dce_rules.get(primitive)
+    if rule is None or not _takes_live_ins(rule):
+        return rule
+    return lambda used_outputs, eqn: rule(used_outputs, [True] * len(eqn.invars), eqn)
 
 
 def dce_jaxpr(jaxpr: Jaxpr, used_outputs: Sequence[bool], instantiate=False):

@@ -20,6 +20,7 @@ import numpy as np
 import jax
 
 from . import analysis, ir
+from .errors import require
 
 
 @dataclasses.dataclass
@@ -53,6 +54,8 @@ def memory_timeline(fn, *args, plot: bool = True, ax=None, xla: bool = True, **k
     programs are both shown) or a ClosedJaxpr. Returns a list of :class:`Timeline`
     (and draws them on ``ax``, or a new figure, when ``plot``).
     """
+    if plot:  # say what is missing before the compiles, not after
+        require("matplotlib.pyplot", "viz", "graphopt.memory_timeline")
     lines = []
     if isinstance(fn, ir.ClosedJaxpr):
         lines.append(timeline_of(fn, "program", xla))
@@ -68,7 +71,7 @@ def memory_timeline(fn, *args, plot: bool = True, ax=None, xla: bool = True, **k
 
 def plot_timelines(lines, ax=None, title: str = "live temporaries per equation (estimate)"):
     """Draw :class:`Timeline` s: one line each, recomputations marked with 'x'."""
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "viz", "graphopt.memory_timeline")
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 3.5))
     for t in lines:
@@ -140,7 +143,7 @@ def pareto(fn, *args, budgets=(1.0, 0.75, 0.5, 0.25), solver: str = "auto",
 
 def plot_pareto(rows, ax=None, label: str = "graphopt", others=None):
     """XLA temp MiB against recomputed GFLOP; ``others``: {name: (bytes, flops)} points."""
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "viz", "graphopt.pareto plots")
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 3.5))
     ok = [r for r in rows if r["error"] is None]

@@ -17,11 +17,11 @@ from collections.abc import Mapping, Sequence
 import jax
 
 from . import analysis, ir
+from .errors import require
 
 
 def _plt():
-    import matplotlib.pyplot as plt
-    return plt
+    return require("matplotlib.pyplot", "viz", "graphopt's plots")
 
 
 def _closed(f, args) -> ir.ClosedJaxpr:

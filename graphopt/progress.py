@@ -16,11 +16,40 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 import jax
-from tqdm import tqdm
+
+try:  # tqdm is an optional extra: without it every bar is off
+    from tqdm import tqdm
+except ImportError:
+    tqdm = None
+
+
+class _NoBar:
+    """What ``bar`` returns without tqdm: the calls a bar takes, doing nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
 
 
 def enabled() -> bool:
-    """GRAPHOPT_PROGRESS if set (0/false/off/no: off), else whether anyone watches stderr."""
+    """GRAPHOPT_PROGRESS if set (0/false/off/no: off), else whether anyone watches stderr;
+    always off without tqdm."""
+    if tqdm is None:
+        return False
     env = os.environ.get("GRAPHOPT_PROGRESS")
     if env is not None:
         return env.lower() not in ("0", "false", "off", "no")
@@ -28,8 +57,11 @@ def enabled() -> bool:
     return "ipykernel" in sys.modules or bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
-def bar(total: int | None = None, desc: str | None = None, **kwargs) -> tqdm:
-    """A tqdm bar (``with bar(n, "solve") as b: ... b.update()``)."""
+def bar(total: int | None = None, desc: str | None = None, **kwargs):
+    """A tqdm bar (``with bar(n, "solve") as b: ... b.update()``); a silent stand-in
+    without tqdm."""
+    if tqdm is None:
+        return _NoBar()
     kwargs.setdefault("disable", not enabled())
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("dynamic_ncols", True)

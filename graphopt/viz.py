@@ -25,7 +25,7 @@ from typing import Any
 import jax
 
 from . import analysis, ir
-from .errors import GraphoptError
+from .errors import GraphoptError, require
 
 PHASE_COLORS = {"forward": "#eaf2ff", "backward": "#fff1e0", "update": "#eefbef"}
 MARK_COLORS = {"removed": "#f87171", "fused": "#c084fc", "recomputed": "#38bdf8",
@@ -363,7 +363,7 @@ class _View:
 
 
 def _render(source: str, what: str) -> str:
-    import graphviz
+    graphviz = require("graphviz", "viz", what)
     if not dot_available():
         raise DotNotFoundError(_dot_missing_message(what))
     try:

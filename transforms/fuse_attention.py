@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from graphopt import ir
 from graphopt.patterns import DotRule, Match, View
 
 POST_AD_HINT = ("the jaxpr already holds the backward pass, which reads the forward's "
@@ -132,8 +133,25 @@ def log_softmax_input(view: View, L, eqns: set):
     return z, red[1]
 
 
+def _softmax_call_input(view: View, p, eqns: set):
+    """``p`` = a ``custom_jvp_call`` whose body is a softmax (``jax.nn.softmax`` from
+    JAX 0.12 on, or with ``jax_softmax_custom_jvp``): (s, axis) or None."""
+    e = _prod(view, p, "custom_jvp_call")
+    if e is None or len(e.invars) != 1 or len(e.outvars) != 1:
+        return None
+    inner = View(ir.as_closed(e.params["call_jaxpr"]))
+    got = softmax_input(inner, inner.jaxpr.outvars[0], set())
+    if got is None or got[0] is not inner.jaxpr.invars[0]:
+        return None
+    eqns.add(view.producer[p])
+    return e.invars[0], got[1]
+
+
 def softmax_input(view: View, p, eqns: set):
     """If ``p`` is a softmax of s along one axis: (s, axis); equations go into ``eqns``."""
+    called = _softmax_call_input(view, p, eqns)
+    if called is not None:
+        return called
     e = _prod(view, p, "div", "mul", "exp")
     if e is None:
         return None

@@ -239,7 +239,7 @@ def _target_level(cj: ir.ClosedJaxpr):
 
                 def wrap(new, idx=idx, key=key, wrap_inner=wrap_inner, e=e, sub=sub):
                     body = wrap_inner(new)
-                    if isinstance(sub, ir.Jaxpr):
+                    if ir.is_open_subjaxpr(e, key, sub):
                         body = body.jaxpr
                     ne = e.replace(params={**e.params, key: body})
                     eqs = list(cj.jaxpr.eqns)

@@ -232,7 +232,8 @@ ELEMENTWISE = frozenset("""abs acos acosh add add_any and asin asinh atan atan2 
     exp exp2 expm1 floor ge gt igamma imag integer_pow is_finite le lgamma log log1p logistic
     lt max min mul ne neg nextafter not one_minus_square or pow real reduce_precision rem
     round rsqrt select_n shift_left shift_right_arithmetic shift_right_logical sign sin sinh
-    sqrt square stop_gradient sub tan tanh xor population_count name""".split())
+    sqrt square stop_gradient sub tan tanh xor population_count name
+    log2 log2p1 exp2m1 sinpi cospi tanpi asinpi acospi atanpi atan2pi fma""".split())
 
 RULES = {
     **{p: _elementwise for p in ELEMENTWISE},

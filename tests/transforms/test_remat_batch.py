@@ -238,6 +238,20 @@ def test_optimize_tells_the_pass_which_leaves_are_the_batch():
         assert testing.max_rel_error(x, y) <= 2e-5
 
 
+def test_streamed_equations_keep_their_name_stacks():
+    # ir.bind_eqn re-binds each equation under its own name stack (as jax.core.eval_jaxpr
+    # does): the backward inside the loops stays 'transpose(...)', so a micro-batched step
+    # is still seen as post-AD and the drawings still tell forward from backward
+    from graphopt.passes import placement_of
+    step, args = _step("mlp")
+    cj = jax.make_jaxpr(step)(*args)
+    new = remat_batch.stream(cj, 2)
+    (loop,) = _loops(new)
+    in_loop = [e for e, _, _ in ir.walk_eqns(loop.params["jaxpr"])]
+    assert sum("transpose(" in ir.name_stack(e) for e in in_loop) >= 3
+    assert placement_of(new) == "post-AD"
+
+
 # regressions found in review: each gave a wrong result or crashed before the fix
 _X = jnp.arange(8.0).reshape(4, 2) / 10
 _W = jnp.array([0.3, -0.2])
