@@ -141,12 +141,17 @@ def inline_jits(cj: ir.ClosedJaxpr, allow_consts: bool = True) -> tuple[ir.Close
 class View(ir.Graph):
     """A graph over one jaxpr level, with the consts' values and a pass context."""
 
-    def __init__(self, cj: ir.ClosedJaxpr, ctx=None):
+    def __init__(self, cj: ir.ClosedJaxpr, ctx=None, stats: Stats | None = None):
         super().__init__(cj)
         self.closed = cj
         self.const_values = dict(zip(cj.jaxpr.constvars, cj.consts))
         self.ctx = ctx
+        self.stats = stats if stats is not None else Stats()  # the running pass's report
         self._descendants: dict = {}
+
+    def note(self, text: str) -> None:
+        """A line for the running pass's report (a refusal, a kernel choice)."""
+        self.stats.note(text)
 
     def option(self, name: str, default=None):
         """A pass option from the pipeline's context (``default`` without one)."""
@@ -468,7 +473,7 @@ def apply_rules(cj: ir.ClosedJaxpr, rules: Sequence[Rule], stats: Stats | None =
                     eqns[k], sub_changed = new, True
     if sub_changed:
         flat = ir.closed(ir.make_jaxpr_from(flat.jaxpr, eqns=eqns), flat.consts)
-    view = View(flat, ctx)
+    view = View(flat, ctx, stats)
     consumed: set = set()
     repl: dict[int, list] = {}
     env: dict = {}

@@ -80,6 +80,8 @@ def _attention_where_it_pays(cj, ctx: PassContext | None = None) -> PassResult:
             and ctx.option("fuse_attention_auto", True) is not False):
         probe = Stats()  # what the forced pass would fuse: say why it stays as written
         patterns.apply_rules(cj, fuse_attention.RULES, probe, ctx)
+        for n in probe.notes:
+            res.stats.note(n)
         n = sum(probe.hits.values())
         if n:
             res.stats.note(f"fuse_attention_auto: {n} attention(s) left as written on "

@@ -1,4 +1,4 @@
-"""Fuse hand-written scaled dot-product attention into ``jax.nn.dot_product_attention``.
+"""Fuse hand-written scaled dot-product attention into one attention kernel.
 
 Matches ``softmax(mask(scale * q·kᵀ)) · v`` on dataflow: the two ``dot_general``s in any
 layout whose batch dims pair up (heads first or last, heads folded into batch, no head
@@ -7,27 +7,30 @@ axis), a scalar scale on the scores or on q, boolean masks (``jnp.where(mask, s,
 additive masks/biases, and softmax written as ``jax.nn.softmax``, ``exp(s - max) / sum``
 (with or without ``stop_gradient``), ``exp(s) / sum(exp(s))``, multiplication by the
 reciprocal, or ``exp(log_softmax(s))``. Identity: all of these compute
-``softmax(scale·q·kᵀ + bias, where mask) · v`` row by row, which is what
-``dot_product_attention`` computes (its XLA implementation with the same ops; on GPU the
-cuDNN kernel where dtype and head size allow, bringing its own backward).
+``softmax(masks and biases(scale·q·kᵀ)) · v`` row by row.
 
-Causal attention without cuDNN or an extra mask (CPU; GPU where cuDNN does not apply)
-runs as
-:func:`block_causal_attention`: query blocks attend only to the keys at or before their
-last row, skipping the fully masked score blocks that XLA would compute and discard
-(with 4 blocks it computes 5/8 of the score FLOPs; the GPT loss + gradient at T=256 on
-CPU: 1.01–1.03×, where ``dot_product_attention`` runs at 0.95×). Identity: a masked score contributes exp(-big) = 0 to its row's softmax, so
-dropping it changes no sum.
+The kernel: on GPU, cuDNN's ``jax.nn.dot_product_attention`` where dtype and head size
+allow and there is no extra mask or bias and the dots ask for no precision or output type
+it cannot take (it has no such arguments); elsewhere :func:`attention_kernel`, XLA's
+attention computation with the original dots' ``precision`` and output types, masks and
+biases in their original order, scores and softmax in the program's dtype promoted to at
+least float32 (float64 stays float64). Causal attention there, without an extra mask,
+runs block-causal: query blocks attend only to the keys at or before their last row,
+skipping the fully masked score blocks that XLA would compute and discard (with 4 blocks
+it computes 5/8 of the score FLOPs; the GPT loss + gradient at T=256 on CPU:
+1.01–1.03×, where ``dot_product_attention`` runs at 0.95×). Identity: a masked score
+contributes exp(-big) = 0 to its row's softmax, so dropping it changes no sum.
 
 Must not fire: when the scores or probabilities are read elsewhere (the saved softmax
 of a jaxpr that already holds the backward pass: decorate the loss instead, the report
 says so), when the "mask" fill is not a large negative number (then it is not a mask),
-with ``-inf`` fill and a mask that may empty a row (the original gives NaN there),
-when a scale follows the mask, or with more than two batch dims.
+with ``-inf`` fill and a mask that may empty a row (the original gives NaN there; said
+in the notes), when a scale follows the mask, or with more than two batch dims.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -37,100 +40,9 @@ from jax import lax
 
 from graphopt import ir
 from graphopt.patterns import DotRule, Match, View
+from .fuse_xent import POST_AD_HINT, _centered, _prod, _reduce, log_softmax_input, note, refuse
 
-POST_AD_HINT = ("the jaxpr already holds the backward pass, which reads the forward's "
-                "intermediates; apply graphopt.optimize to the loss before jax.grad "
-                "(jax.grad(graphopt.optimize(loss))) so the fused kernel brings its own backward")
 FILL_MAX = -1e9  # a where-fill at or below this is a mask (exp underflows to exactly 0)
-_PASS = ("broadcast_in_dim", "reshape", "stop_gradient", "convert_element_type")
-
-
-def _through(view: View, atom, prims, eqns):
-    """Follow producers of kinds ``prims`` back from ``atom``, recording them."""
-    while True:
-        e = view.producer_eqn(atom)
-        if e is None or e.primitive.name not in prims:
-            return atom
-        eqns.add(view.producer[atom])
-        atom = e.invars[0]
-
-
-def _prod(view, atom, *names):
-    e = view.producer_eqn(atom)
-    return e if e is not None and e.primitive.name in names else None
-
-
-def _reduce(view, atom, prim, eqns):
-    """``atom`` = broadcast(reduce ``prim`` over one axis of x): (x, axis) or None.
-
-    Casts around the reduction are looked through: bf16 softmax sums in float32
-    (convert → reduce_sum → convert back), which the fused kernel also does.
-    """
-    a = _through(view, atom, ("broadcast_in_dim", "reshape", "convert_element_type"), eqns)
-    e = _prod(view, a, prim)
-    if e is None or len(e.params["axes"]) != 1:
-        return None
-    eqns.add(view.producer[a])
-    x = _through(view, e.invars[0], ("convert_element_type",), eqns)
-    return x, e.params["axes"][0]
-
-
-def _max_of(view, atom, eqns):
-    """``atom`` = [stop_gradient] broadcast(max(-inf, reduce_max(x))): x or None."""
-    a = _through(view, atom, ("broadcast_in_dim", "reshape", "stop_gradient"), eqns)
-    e = _prod(view, a, "max")
-    if e is not None:
-        x, y = e.invars
-        if view.scalar_value(x) == -np.inf:
-            a = y
-        elif view.scalar_value(y) == -np.inf:
-            a = x
-        else:
-            return None
-        eqns.add(view.producer[e.outvars[0]])
-    e = _prod(view, a, "reduce_max")
-    if e is None or len(e.params["axes"]) != 1:
-        return None
-    eqns.add(view.producer[a])
-    return e.invars[0], e.params["axes"][0]
-
-
-def _centered(view, z, eqns):
-    """``z`` = s - max(s) (stabilized) or s itself: (s, axis of the max or None)."""
-    e = _prod(view, z, "sub")
-    if e is not None:
-        got = _max_of(view, e.invars[1], set())
-        if got is not None and got[0] is e.invars[0]:
-            _max_of(view, e.invars[1], eqns)
-            eqns.add(view.producer[z])
-            return e.invars[0], got[1]
-    return z, None
-
-
-def log_softmax_input(view: View, L, eqns: set):
-    """``L`` = log_softmax(z) over one axis: (z, axis) or None."""
-    e = _prod(view, L, "sub")
-    if e is None:
-        return None
-    local = {view.producer[L]}
-    hh, lg = e.invars
-    lg = _through(view, lg, ("broadcast_in_dim", "reshape"), local)
-    lge = _prod(view, lg, "log")
-    if lge is None:
-        return None
-    local.add(view.producer[lg])
-    red = _reduce(view, lge.invars[0], "reduce_sum", local)
-    if red is None:
-        return None
-    ex = _prod(view, red[0], "exp")
-    if ex is None or ex.invars[0] is not hh:
-        return None
-    local.add(view.producer[red[0]])
-    z, ax = _centered(view, hh, local)
-    if ax is not None and ax != red[1]:
-        return None
-    eqns |= local
-    return z, red[1]
 
 
 def _softmax_call_input(view: View, p, eqns: set):
@@ -196,8 +108,8 @@ def softmax_input(view: View, p, eqns: set):
 class _Scores:
     dot: int                     # index of q·kᵀ
     scale: float = 1.0
-    masks: list = dataclasses.field(default_factory=list)   # (pred atom, keep_if_true, fill)
-    biases: list = dataclasses.field(default_factory=list)
+    # ("mask", pred atom, keep_if_true, fill) / ("bias", atom), the last applied first.
+    terms: list = dataclasses.field(default_factory=list)
 
 
 def _scores(view: View, s, eqns: set, acc: _Scores | None = None, seen_scale=False):
@@ -231,8 +143,9 @@ def _scores(view: View, s, eqns: set, acc: _Scores | None = None, seen_scale=Fal
         pred, a, b = e.invars
         for keep_true, fill, x in ((True, a, b), (False, b, a)):
             fv = view.scalar_value(fill)
-            if fv is not None and fv <= FILL_MAX and tuple(x.aval.shape) == tuple(s.aval.shape):
-                acc.masks.append((pred, keep_true, fv))
+            if (fv is not None and fv <= FILL_MAX and tuple(x.aval.shape) == tuple(s.aval.shape)
+                    and pred.aval.dtype == np.bool_):
+                acc.terms.append(("mask", pred, keep_true, fv))
                 eqns.add(i)
                 return _scores(view, x, eqns, acc, seen_scale)
         return None
@@ -242,8 +155,7 @@ def _scores(view: View, s, eqns: set, acc: _Scores | None = None, seen_scale=Fal
             if tuple(x.aval.shape) != tuple(s.aval.shape):
                 continue
             sub = set()
-            got = _scores(view, x, sub, dataclasses.replace(acc, masks=list(acc.masks),
-                                                           biases=list(acc.biases) + [bias]),
+            got = _scores(view, x, sub, dataclasses.replace(acc, terms=acc.terms + [("bias", bias)]),
                           seen_scale)
             if got is not None:
                 eqns |= sub | {i}
@@ -294,29 +206,55 @@ def n_causal_blocks(T: int, S: int) -> int:
     return n if n > 1 else 0
 
 
+def attention_kernel(q, k, v, *, scale, terms=(), causal=False, n_blocks=1,
+                     precision=(None, None), acc=None, p_dtype=None, out_type=None):
+    """``softmax(terms(scale·q·kᵀ), causal)·v`` for q [B,T,N,H], k/v [B,S,N,H]: ``terms``
+    are ("bias", b) and ("mask", keep, fill), b/keep [B|1,N|1,T,S], applied in order.
+    Scores and softmax in ``acc`` (default: q's dtype, at least float32), probabilities in
+    ``p_dtype`` (default v's), the two dots with ``precision`` and ``out_type`` (the p·v
+    dot's preferred_element_type). Causal with ``n_blocks`` > 1: query block i is scored
+    against keys [0, (i+1)·T/n) only, the blocks above the diagonal are never computed."""
+    T, S = q.shape[1], k.shape[1]
+    if n_blocks < 1 or T % n_blocks or (n_blocks > 1 and not causal):
+        raise ValueError(f"attention_kernel: n_blocks={n_blocks} must divide the query "
+                         f"length {T} (and needs causal=True when > 1)")
+    acc = jnp.promote_types(q.dtype, jnp.float32) if acc is None else acc  # as XLA's attention
+    p_dtype = v.dtype if p_dtype is None else p_dtype
+    bs, outs = T // n_blocks, []
+    for i in range(n_blocks):
+        rows, hi = slice(i * bs, (i + 1) * bs), (min((i + 1) * bs, S) if n_blocks > 1 else S)
+        s = lax.dot_general(q[:, rows], k[:, :hi], (((3,), (3,)), ((0, 2), (0, 2))),
+                            precision=precision[0], preferred_element_type=acc) * scale
+        for kind, x, *fill in terms:
+            x = x[:, :, rows, :hi]
+            s = s + x.astype(acc) if kind == "bias" else jnp.where(x, s, jnp.asarray(fill[0], acc))
+        if causal:
+            keep = (lax.broadcasted_iota(jnp.int32, (bs, hi), 1)
+                    <= lax.broadcasted_iota(jnp.int32, (bs, hi), 0) + i * bs)
+            s = jnp.where(keep, s, jnp.finfo(acc).min)
+        p = jax.nn.softmax(s, axis=-1).astype(p_dtype)
+        o = lax.dot_general(p, v[:, :hi], (((3,), (1,)), ((0, 1), (0, 2))),
+                            precision=precision[1], preferred_element_type=out_type)
+        outs.append(jnp.transpose(o, (0, 2, 1, 3)))
+    return jnp.concatenate(outs, axis=1)
+
+
 def block_causal_attention(q, k, v, *, scale, n_blocks, bias=None):
     """``dot_product_attention(..., is_causal=True)`` (query t sees keys <= t; q [B,T,N,H],
     k/v [B,S,N,H], bias [B|1,N|1,T,S]) with the numerics of its XLA implementation
     (scores and softmax in at least float32), query block i against keys [0, (i+1)*T/n) only.
     No extra mask: a row it emptied would spread over all S keys there, here over fewer."""
-    T, S = q.shape[1], k.shape[1]
-    if n_blocks < 1 or T % n_blocks:
-        raise ValueError(f"block_causal_attention: n_blocks={n_blocks} must divide the "
-                         f"query length {T}")
-    acc = jnp.promote_types(q.dtype, jnp.float32)  # as dot_product_attention's XLA path
-    bs, outs = T // n_blocks, []
-    for i in range(n_blocks):
-        hi = min((i + 1) * bs, S)
-        s = jnp.einsum("BTNH,BSNH->BNTS", q[:, i * bs:(i + 1) * bs], k[:, :hi],
-                       preferred_element_type=acc) * scale
-        if bias is not None:
-            s = s + bias[:, :, i * bs:(i + 1) * bs, :hi].astype(acc)
-        keep = (lax.broadcasted_iota(jnp.int32, (bs, hi), 1)
-                <= lax.broadcasted_iota(jnp.int32, (bs, hi), 0) + i * bs)
-        s = jnp.where(keep, s, jnp.finfo(acc).min)
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        outs.append(jnp.einsum("BNTS,BSNH->BTNH", p, v[:, :hi]))
-    return jnp.concatenate(outs, axis=1)
+    return attention_kernel(q, k, v, scale=scale, causal=True, n_blocks=n_blocks,
+                            terms=() if bias is None else (("bias", bias),))
+
+
+def _default_precision(p) -> bool:
+    return p is None or (isinstance(p, tuple) and all(x in (None, lax.Precision.DEFAULT) for x in p))
+
+
+def _swap(p, swap: bool):
+    """A dot's precision for its operands in the other order."""
+    return (p[1], p[0]) if swap and isinstance(p, tuple) else p
 
 
 class AttentionRule(DotRule):
@@ -370,8 +308,12 @@ class AttentionRule(DotRule):
         out_names += [1, 3] if p_side == 0 else [3, 1]
         H = q.aval.shape[qc[0]]
         T, S = s.aval.shape[t_pos], s.aval.shape[s_pos]
-        causal, masks = False, []
-        for pred, keep_true, fill in acc.masks:
+        causal_at, terms = None, []   # terms: masks and biases in program order
+        for kind, pred, *rest in reversed(acc.terms):
+            if kind == "bias":
+                terms.append(("bias", pred, None, None))
+                continue
+            keep_true, fill = rest
             src, bdims = pred, tuple(range(len(s.aval.shape)))
             e = view.producer_eqn(pred)
             if e is not None and e.primitive.name == "broadcast_in_dim" \
@@ -385,14 +327,20 @@ class AttentionRule(DotRule):
                 if full is not None:
                     keep = full if keep_true else ~full
                     if fill == -np.inf and not keep.any(axis=s_pos).all():
-                        return None  # the original gives NaN on an emptied row
+                        return refuse(view, i, self.name, "a -inf mask fill empties a row "
+                                      "(NaN in the original)")
                     m2 = np.moveaxis(keep, (t_pos, s_pos), (-2, -1)).reshape(-1, T, S)
-                    if not causal and (m2 == np.tril(np.ones((T, S), bool))).all():
-                        causal = True
-                        continue
+                    if causal_at is None and (m2 == np.tril(np.ones((T, S), bool))).all():
+                        causal_at = len(terms)
             elif fill == -np.inf:
-                return None
-            masks.append((src, bdims, keep_true))
+                return refuse(view, i, self.name, "a -inf mask fill may empty a row (NaN in "
+                              "the original)")
+            terms.append(("mask", src, bdims, (keep_true, fill)))
+        # The causal mask becomes is_causal only alone: with another mask, a row both empty
+        # takes its weights from their fills, which the kernel then replays as written.
+        causal = causal_at is not None and [t[0] for t in terms].count("mask") == 1
+        if causal:
+            del terms[causal_at]
         q_eqns = set()
         scale = acc.scale
         # A scalar scale applied to q before the dot joins the scale.
@@ -407,13 +355,32 @@ class AttentionRule(DotRule):
                     break
         eqns |= q_eqns
         s_rank = len(s.aval.shape)
+        # The kernel keeps both dots' precision and output types, and the dtypes between.
+        prec = (_swap(d1.params.get("precision"), q_side == 1),
+                _swap(root.params.get("precision"), p_side == 1))
+        out_type = root.params.get("preferred_element_type")
+        sdt = functools.reduce(jnp.promote_types, (q.aval.dtype, d1.outvars[0].aval.dtype,
+                                                   s.aval.dtype, jnp.float32))  # scores, softmax
+        pdt = p.aval.dtype
         platform = getattr(view.ctx, "platform", "cpu") if view.ctx is not None else "cpu"
-        impl = "xla"
+        # dot_product_attention has no precision or output-type arguments: it is used only
+        # where it computes what the program asks; graphopt's kernel everywhere else.
+        as_is = (all(_default_precision(x) for x in prec) and pdt == v.aval.dtype
+                 and out_type in (None, v.aval.dtype)
+                 and d1.params.get("preferred_element_type") in (None, q.aval.dtype, jnp.float32))
+        kinds = [t[0] for t in terms]
+        one_fill = len({t[3][1] for t in terms if t[0] == "mask"}) <= 1  # its masks share one fill
+        dpa = as_is and sdt == jnp.float32 and kinds == sorted(kinds) and one_fill
+        impl = "xla" if dpa else "kernel"
         if (platform == "gpu" and q.aval.dtype in (jnp.bfloat16, jnp.float16) and H % 8 == 0
-                and H <= 128 and not masks and not acc.biases):
-            impl = "cudnn"
-        nblk = (n_causal_blocks(s.aval.shape[t_pos], s.aval.shape[s_pos])
-                if causal and impl == "xla" and not masks else 0)
+                and H <= 128 and not terms):
+            if as_is:
+                impl = "cudnn"
+            else:
+                note(view, i, self.name, f"cuDNN not used: the attention dots ask for precision "
+                     f"{prec} or output types it cannot take; fused into graphopt's XLA kernel")
+        nblk = n_causal_blocks(T, S) if causal and impl != "cudnn" and "mask" not in kinds else 0
+        impl = "kernel" if nblk else impl
         if self.only_where_it_pays and platform != "gpu" and not nblk:
             return None
         out_var = root.outvars[0]
@@ -427,47 +394,48 @@ class AttentionRule(DotRule):
                 eqns.add(u)
                 out_var = ue.outvars[0]
         out_aval = out_var.aval
-        n_mask = len(masks)
-        mask_meta = [(bd, kt) for _, bd, kt in masks]
+        meta = [(kind, bd, mk) for kind, _, bd, mk in terms]
         batch_pos = list(range(nb))
 
         def fused(q, k, v, *extra):
-            ms, bs = extra[:n_mask], extra[n_mask:]
             qq = _canon(q, qb, qf[0], qc[0])
             kk = _canon(k, kb, kf[0], kc[0])
             vv = _canon(v, v_batch, vc[0], vf[0])
-            mask = None
-            for m, (bd, kt) in zip(ms, mask_meta):
-                full = lax.broadcast_in_dim(m, s.aval.shape, bd)
-                full = full if kt else ~full
-                m4 = _to_canon4(full, s_rank, batch_pos, t_pos, s_pos)
-                mask = m4 if mask is None else mask & m4
-            bias = None
-            for b in bs:
-                b4 = _to_canon4(jnp.broadcast_to(b, s.aval.shape), s_rank, batch_pos, t_pos, s_pos)
-                bias = b4 if bias is None else bias + b4
-            if nblk:
-                o = block_causal_attention(qq, kk, vv, scale=scale, n_blocks=nblk, bias=bias)
-            else:
+            ts = []
+            for x, (kind, bd, mk) in zip(extra, meta):
+                if kind == "bias":
+                    ts.append(("bias", _to_canon4(jnp.broadcast_to(x, s.aval.shape), s_rank,
+                                                  batch_pos, t_pos, s_pos)))
+                    continue
+                full = lax.broadcast_in_dim(x, s.aval.shape, bd)
+                full = full if mk[0] else ~full
+                ts.append(("mask", _to_canon4(full, s_rank, batch_pos, t_pos, s_pos), mk[1]))
+            if impl != "kernel":  # biases before masks here (kinds sorted): as the program
+                bias = sum(t[1] for t in ts if t[0] == "bias") if "bias" in kinds else None
+                mask = functools.reduce(jnp.logical_and, [t[1] for t in ts if t[0] == "mask"]) \
+                    if "mask" in kinds else None
                 o = jax.nn.dot_product_attention(qq, kk, vv, bias=bias, mask=mask, scale=scale,
                                                  is_causal=causal, implementation=impl)
+            else:
+                o = attention_kernel(qq, kk, vv, scale=scale, terms=ts, causal=causal,
+                                     n_blocks=nblk or 1, precision=prec, acc=sdt, p_dtype=pdt,
+                                     out_type=out_type)
             # o: [B, T, N, H]; drop the axes we added, then lay out like the original.
             keep_axes = ([0] if nb >= 1 else []) + [1] + ([2] if nb >= 2 else []) + [3]
             o = jnp.reshape(o, [o.shape[a] for a in keep_axes])
-            names_kept = keep_axes
-            perm = [names_kept.index(nm) for nm in out_names]
+            perm = [keep_axes.index(nm) for nm in out_names]
             if perm != sorted(perm):
                 o = jnp.transpose(o, perm)
             return o.astype(out_aval.dtype)
 
-        args = [q, k, v] + [m for m, _, _ in masks] + list(acc.biases)
-        note = POST_AD_HINT if getattr(view.ctx, "placement", "") == "post-AD" else ""
+        args = [q, k, v] + [t[1] for t in terms]
+        post = POST_AD_HINT if getattr(view.ctx, "placement", "") == "post-AD" else ""
         rule = self.name + (".causal" if causal else "") + (".cudnn" if impl == "cudnn" else "")
-        return Match(rule, frozenset(eqns), [out_var], fused, args, note=note)
+        return Match(rule, frozenset(eqns), [out_var], fused, args, note=post)
 
 
 RULES = [AttentionRule()]
 RULES_WHERE_IT_PAYS = [AttentionRule(only_where_it_pays=True)]
 
-__all__ = ["AttentionRule", "RULES", "RULES_WHERE_IT_PAYS", "softmax_input", "POST_AD_HINT", "block_causal_attention",
-           "n_causal_blocks"]
+__all__ = ["AttentionRule", "RULES", "RULES_WHERE_IT_PAYS", "softmax_input", "POST_AD_HINT",
+           "attention_kernel", "block_causal_attention", "n_causal_blocks"]

@@ -3,11 +3,22 @@
 Matches ``take_along_axis(log_softmax(h @ W), labels)`` (``W`` as [d, V] or [V, d], an
 optional cast of the logits, ``log_softmax`` stabilized or not) and replaces it with
 :func:`chunked_logprob`: a scan over vocabulary chunks keeps a running log-sum-exp and
-the label's logit, and a custom backward recomputes each chunk's softmax, so the full
-[tokens, V] logits never exist, forward or backward. Identity:
-``log_softmax(z)[y] = z[y] - logsumexp(z)`` and logsumexp combines over chunks
-(``lse(a ∪ b) = m + log(e^{lse(a)-m} + e^{lse(b)-m})``); the gradient w.r.t. the
+the label's logit, so the full [tokens, V] logits never exist, forward or backward.
+Identity: ``log_softmax(z)[y] = z[y] - logsumexp(z)`` and logsumexp combines over chunks
+(``lse(a ∪ b) = m + log(e^{lse(a)-m} + e^{lse(b)-m})``); the derivative w.r.t. the
 logits is ``onehot(y) - softmax(z)``, chunk by chunk.
+
+Differentiation: a ``custom_jvp`` whose tangent rule is a second scan over the chunks,
+linear in the tangents, with the chunk's softmax recomputed under ``jax.checkpoint``.
+Forward mode (``jax.jvp``, ``jax.jacfwd``) runs it as is; reverse mode transposes it,
+so the backward scan recomputes each chunk's softmax and nothing [tokens, V] is saved.
+
+Numerics: each chunk's logits come from the original dot (its ``precision`` and
+``preferred_element_type``); log-sum-exp, softmax and accumulations run in the
+program's dtype promoted to at least float32 (float64 stays float64).
+Out-of-range labels give what the gather gives in its mode (``fill``: the fill value,
+``clip``: the clamped label, ``promise_in_bounds``: clamped, no gradient); ``one_hot``
+gathers are left alone.
 
 Fires only where the cost model says it pays: the logits it avoids must be at least
 ``xent_min_bytes`` (default 32 MiB) and span at least two chunks of ``xent_chunk``
@@ -25,8 +36,120 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from graphopt import ir
 from graphopt.patterns import Match, Rule, View
-from .fuse_attention import POST_AD_HINT, log_softmax_input
+
+# Shared with fuse_attention (which imports them): the hint for post-AD jaxprs, the notes
+# a rule leaves when it refuses a candidate, and the log-softmax matcher.
+POST_AD_HINT = ("the jaxpr already holds the backward pass, which reads the forward's "
+                "intermediates; apply graphopt.optimize to the loss before jax.grad "
+                "(jax.grad(graphopt.optimize(loss))) so the fused kernel brings its own backward")
+def note(view: View, i: int, rule: str, text: str) -> None:
+    """Record ``text`` about the candidate rooted at equation ``i`` for the pass's notes."""
+    where = ir.source_line(view.eqns[i]) or view.eqns[i].primitive.name
+    view.note(f"{rule}: at {where}: {text}")
+
+
+def refuse(view: View, i: int, rule: str, why: str) -> None:
+    """Leave the candidate at equation ``i`` unfused, saying why; returns None for ``find``."""
+    note(view, i, rule, "not applied: " + why)
+    return None
+
+
+def _through(view: View, atom, prims, eqns):
+    """Follow producers of kinds ``prims`` back from ``atom``, recording them."""
+    while True:
+        e = view.producer_eqn(atom)
+        if e is None or e.primitive.name not in prims:
+            return atom
+        eqns.add(view.producer[atom])
+        atom = e.invars[0]
+
+
+def _prod(view, atom, *names):
+    e = view.producer_eqn(atom)
+    return e if e is not None and e.primitive.name in names else None
+
+
+def _reduce(view, atom, prim, eqns):
+    """``atom`` = broadcast(reduce ``prim`` over one axis of x): (x, axis) or None.
+
+    Casts around the reduction are looked through: bf16 softmax sums in float32
+    (convert → reduce_sum → convert back), which the fused kernel also does.
+    """
+    a = _through(view, atom, ("broadcast_in_dim", "reshape", "convert_element_type"), eqns)
+    e = _prod(view, a, prim)
+    if e is None or len(e.params["axes"]) != 1:
+        return None
+    eqns.add(view.producer[a])
+    x = _through(view, e.invars[0], ("convert_element_type",), eqns)
+    return x, e.params["axes"][0]
+
+
+def _max_of(view, atom, eqns):
+    """``atom`` = [stop_gradient] broadcast(max(-inf, reduce_max(x))): x or None."""
+    a = _through(view, atom, ("broadcast_in_dim", "reshape", "stop_gradient"), eqns)
+    e = _prod(view, a, "max")
+    if e is not None:
+        x, y = e.invars
+        if view.scalar_value(x) == -np.inf:
+            a = y
+        elif view.scalar_value(y) == -np.inf:
+            a = x
+        else:
+            return None
+        eqns.add(view.producer[e.outvars[0]])
+    e = _prod(view, a, "reduce_max")
+    if e is None or len(e.params["axes"]) != 1:
+        return None
+    eqns.add(view.producer[a])
+    return e.invars[0], e.params["axes"][0]
+
+
+def _centered(view, z, eqns):
+    """``z`` = s - max(s) (stabilized) or s itself: (s, axis of the max or None)."""
+    e = _prod(view, z, "sub")
+    if e is not None:
+        got = _max_of(view, e.invars[1], set())
+        if got is not None and got[0] is e.invars[0]:
+            _max_of(view, e.invars[1], eqns)
+            eqns.add(view.producer[z])
+            return e.invars[0], got[1]
+    return z, None
+
+
+def log_softmax_input(view: View, L, eqns: set):
+    """``L`` = log_softmax(z) over one axis: (z, axis) or None."""
+    e = _prod(view, L, "sub")
+    if e is None:
+        return None
+    local = {view.producer[L]}
+    hh, lg = e.invars
+    lg = _through(view, lg, ("broadcast_in_dim", "reshape"), local)
+    lge = _prod(view, lg, "log")
+    if lge is None:
+        return None
+    local.add(view.producer[lg])
+    red = _reduce(view, lge.invars[0], "reduce_sum", local)
+    if red is None:
+        return None
+    ex = _prod(view, red[0], "exp")
+    if ex is None or ex.invars[0] is not hh:
+        return None
+    local.add(view.producer[red[0]])
+    z, ax = _centered(view, hh, local)
+    if ax is not None and ax != red[1]:
+        return None
+    eqns |= local
+    return z, red[1]
+
+
+
+_DN = (((1,), (0,)), ((), ()))   # [n, d] · [d, c]
+
+
+def _is_zero(t) -> bool:
+    return isinstance(t, jax.custom_derivatives.SymbolicZero)
 
 
 def _chunks(w, chunk, w_vd):
@@ -38,80 +161,91 @@ def _chunks(w, chunk, w_vd):
     return jnp.transpose(wt.reshape(d, n, chunk), (1, 0, 2))
 
 
-def _chunk_logits(h, wk, off, v, pet):
-    z = lax.dot_general(h, wk, (((1,), (0,)), ((), ())), preferred_element_type=pet)
-    z = z.astype(jnp.float32)
-    col = off + jnp.arange(wk.shape[1])
-    return jnp.where(col[None, :] < v, z, -jnp.inf), col
-
-
 @functools.lru_cache(maxsize=None)
-def _make(chunk: int, w_vd: bool, pet):
-    """The chunked log p(label) function for one configuration (custom backward)."""
+def _make(chunk: int, w_vd: bool, zdt, acc, precision):
+    """The chunked log p(label) function for one configuration (custom_jvp).
+
+    ``zdt``: dtype of the original logits (the dot's output); ``acc``: dtype of the
+    softmax and of every accumulation (``zdt`` promoted to at least float32).
+    """
+    def dot(a, b):
+        return lax.dot_general(a, b, _DN, precision=precision, preferred_element_type=zdt).astype(acc)
+
+    def logits(h, wk, off, v):
+        z = dot(h, wk)
+        col = off + jnp.arange(wk.shape[1])
+        return jnp.where(col[None, :] < v, z, -jnp.inf), col
 
     def stats(h, w, idx):
         v = w.shape[0] if w_vd else w.shape[1]
         wc = _chunks(w, chunk, w_vd)
-        offs = jnp.arange(wc.shape[0]) * chunk
         n = h.shape[0]
 
         def body(carry, xs):
             m, s, tgt = carry
-            z, col = _chunk_logits(h, xs[0], xs[1], v, pet)
+            z, col = logits(h, xs[0], xs[1], v)
             m_new = jnp.maximum(m, z.max(axis=1))
             s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(axis=1)
-            tgt = tgt + jnp.where(col[None, :] == idx[:, None], z, 0.0).sum(axis=1)
+            tgt = tgt + jnp.where(col[None, :] == idx[:, None], z, 0).sum(axis=1)
             return (m_new, s, tgt), None
 
-        init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
-                jnp.zeros((n,), jnp.float32))
-        (m, s, tgt), _ = lax.scan(body, init, (wc, offs))
+        init = (jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc), jnp.zeros((n,), acc))
+        (m, s, tgt), _ = lax.scan(body, init, (wc, jnp.arange(wc.shape[0]) * chunk))
         lse = m + jnp.log(s)
         return tgt - lse, lse
 
-    @jax.custom_vjp
+    @jax.custom_jvp
     def logprob(h, w, idx):
         return stats(h, w, idx)[0]
 
-    def fwd(h, w, idx):
+    def jvp(primals, tangents):
+        h, w, idx = primals
+        dh, dw, _ = tangents
         out, lse = stats(h, w, idx)
-        return out, (h, w, idx, lse)
-
-    def bwd(res, g):
-        h, w, idx, lse = res
+        if _is_zero(dh) and _is_zero(dw):
+            return out, jnp.zeros_like(out)
         v = w.shape[0] if w_vd else w.shape[1]
-        wc = _chunks(w, chunk, w_vd)
-        offs = jnp.arange(wc.shape[0]) * chunk
+        xs = {"wk": _chunks(w, chunk, w_vd), "off": jnp.arange(-(-v // chunk)) * chunk}
+        if not _is_zero(dw):
+            xs["dwk"] = _chunks(dw, chunk, w_vd)
+        # dh enters in acc: reverse mode then sums its per-chunk cotangents in acc, not bf16.
+        dh_acc = None if _is_zero(dh) else dh.astype(acc)
 
-        def body(dh, xs):
-            wk, off = xs
-            z, col = _chunk_logits(h, wk, off, v, pet)
-            p = jnp.exp(z - lse[:, None])
-            gz = (g[:, None] * ((col[None, :] == idx[:, None]).astype(jnp.float32) - p)).astype(h.dtype)
-            dh = dh + lax.dot_general(gz, wk, (((1,), (1,)), ((), ())),
-                                      preferred_element_type=jnp.float32)
-            dwk = lax.dot_general(h, gz, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-            return dh, dwk
+        # Recomputed, not saved: reverse mode would otherwise keep every chunk's softmax.
+        @functools.partial(jax.checkpoint, prevent_cse=False)
+        def body(t, xs):
+            z, col = logits(h, xs["wk"], xs["off"], v)
+            c = (col[None, :] == idx[:, None]).astype(acc) - jnp.exp(z - lse[:, None])
+            dz = 0
+            if dh_acc is not None:
+                dz = dz + dot(dh_acc.astype(h.dtype), xs["wk"])
+            if "dwk" in xs:
+                dz = dz + dot(h, xs["dwk"])
+            return t + (dz * c).sum(axis=1), None
 
-        dh, dwc = lax.scan(body, jnp.zeros(h.shape, jnp.float32), (wc, offs))
-        dw = jnp.transpose(dwc, (1, 0, 2)).reshape(h.shape[1], -1)[:, :v]
-        dw = (dw.T if w_vd else dw).astype(w.dtype)
-        return dh.astype(h.dtype), dw, None
+        t, _ = lax.scan(body, jnp.zeros_like(out), xs)
+        return out, t
 
-    logprob.defvjp(fwd, bwd)
+    logprob.defjvp(jvp, symbolic_zeros=True)
     return logprob
 
 
-def chunked_logprob(h, w, labels, *, chunk: int = 1024, w_vd: bool = False, preferred=None):
+def chunked_logprob(h, w, labels, *, chunk: int = 1024, w_vd: bool = False, preferred=None,
+                    precision=None, acc=None):
     """log_softmax(h @ w)[label] per token without materializing the logits.
 
     h: [..., d]; w: [d, V] (or [V, d] with ``w_vd``); labels: int [...] in [0, V).
-    Returns float32 [...]. Use it by hand in a loss, or let the fusion insert it.
+    ``preferred`` / ``precision``: those of the ``h @ w`` dot; ``acc``: dtype of the
+    softmax and the sums (never below the logits' dtype and float32, the default).
+    Returns [...] in ``acc``. Use it by hand in a loss, or let the fusion insert it.
     """
     lead = h.shape[:-1]
     v = w.shape[0] if w_vd else w.shape[1]
     chunk = int(min(chunk, v))
-    fn = _make(chunk, bool(w_vd), np.dtype(preferred) if preferred is not None else None)
+    zdt = np.dtype(preferred) if preferred is not None else np.dtype(jnp.result_type(h, w))
+    floor = jnp.float32 if acc is None else jnp.promote_types(acc, jnp.float32)
+    acc = np.dtype(jnp.promote_types(zdt, floor))
+    fn = _make(chunk, bool(w_vd), zdt, acc, precision)
     out = fn(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1).astype(jnp.int32))
     return out.reshape(lead)
 
@@ -119,6 +253,9 @@ def chunked_logprob(h, w, labels, *, chunk: int = 1024, w_vd: bool = False, pref
 def chunked_cross_entropy(h, w, labels, *, chunk: int = 1024, w_vd: bool = False):
     """Mean softmax cross-entropy of ``h @ w`` against integer ``labels``, chunked."""
     return -jnp.mean(chunked_logprob(h, w, labels, chunk=chunk, w_vd=w_vd))
+
+
+_MODES = ("CLIP", "FILL_OR_DROP", "PROMISE_IN_BOUNDS")
 
 
 class CrossEntropyRule(Rule):
@@ -154,7 +291,7 @@ class CrossEntropyRule(Rule):
             return None
         (lc, rc), (lb, rb) = de.params["dimension_numbers"]
         h, w = de.invars
-        if lb or rb or tuple(lc) != (h.aval.ndim - 1,) or w.aval.ndim != 2 or de.params.get("precision"):
+        if lb or rb or tuple(lc) != (h.aval.ndim - 1,) or w.aval.ndim != 2:
             return None
         w_vd = tuple(rc) == (1,)
         eqns.add(view.producer[z])
@@ -167,17 +304,29 @@ class CrossEntropyRule(Rule):
         if 4 * n_tok * v < view.option("xent_min_bytes", 32 << 20) or v < 2 * chunk:
             return None  # logits small enough that chunking would only cost time
         mode = getattr(p["mode"], "name", str(p["mode"]))
+        if mode not in _MODES:
+            return refuse(view, i, self.name, f"gather mode {mode} (out-of-range labels) is not "
+                          "reproduced by the chunked kernel")
+        if not jnp.issubdtype(idx.aval.dtype, jnp.integer):
+            return None
         fill = p.get("fill_value")
         fill = np.nan if fill is None else fill
         pet = de.params.get("preferred_element_type")
+        prec = de.params.get("precision")
         ldtype = L.aval.dtype
+        zdt = np.dtype(pet) if pet is not None else np.dtype(z.aval.dtype)
 
         def fused(h, w, idx):
             lab = idx.reshape(h.shape[:-1])
-            valid = (lab >= 0) & (lab < v)
-            lp = chunked_logprob(h, w, jnp.clip(lab, 0, v - 1), chunk=chunk, w_vd=w_vd, preferred=pet)
-            if "FILL" in mode:
+            # The gather's bounds in the labels' own dtype (int8 labels, V > 127: all valid).
+            hi = int(min(v - 1, jnp.iinfo(lab.dtype).max))
+            valid = (lab >= 0) & (lab <= hi)
+            lp = chunked_logprob(h, w, jnp.clip(lab, 0, hi), chunk=chunk, w_vd=w_vd,
+                                 preferred=zdt, precision=prec, acc=ldtype)
+            if mode == "FILL_OR_DROP":
                 lp = jnp.where(valid, lp, jnp.asarray(fill, lp.dtype))
+            elif mode == "PROMISE_IN_BOUNDS":  # XLA clamps the read; the scatter drops the cotangent
+                lp = jnp.where(valid, lp, lax.stop_gradient(lp))
             return lp.astype(ldtype).reshape(out_aval.shape)
 
         note = POST_AD_HINT if getattr(view.ctx, "placement", "") == "post-AD" else ""
@@ -187,4 +336,5 @@ class CrossEntropyRule(Rule):
 
 RULES = [CrossEntropyRule()]
 
-__all__ = ["chunked_logprob", "chunked_cross_entropy", "CrossEntropyRule", "RULES"]
+__all__ = ["chunked_logprob", "chunked_cross_entropy", "CrossEntropyRule", "RULES", "POST_AD_HINT",
+           "log_softmax_input", "note", "refuse"]
