@@ -4,12 +4,14 @@ Trace a function into a jaxpr, rewrite it with passes (pruning, fusion,
 rematerialization, ...), run the result through XLA. Start with :func:`optimize`.
 """
 from . import ir
-from .errors import EquivalenceError, GraphoptError, MissingExtraError, PassError, RewriteError
-from .interpreter import RuleTable, Rewriter, Stats
+from .errors import (BudgetError, EquivalenceError, GraphoptError, MissingExtraError, OptionError,
+                     PassError, RewriteError)
+from .interpreter import CannotRewrite, RuleTable, Rewriter, Stats
 from .passes import Pass, PassContext, PassResult, Pipeline, register_pass, registered_passes
-from .api import Optimized, default_passes, optimize, optimize_jaxpr, remat
+from .api import Optimized, Rematted, default_passes, optimize, optimize_jaxpr, remat
 from .report import Report
 from . import analysis, testing
+from .bisect import BisectResult, bisect, first_differing_pass
 
 __version__ = "0.1.0"
 
@@ -34,5 +36,6 @@ def __getattr__(name):
 __all__ = ["optimize", "remat", "draw", "diff", "memory_timeline", "pareto", "rewrite", "Optimized", "optimize_jaxpr", "default_passes", "Pass", "PassResult",
            "PassContext", "Pipeline", "RuleTable", "Rewriter", "Stats", "register_pass",
            "registered_passes", "Report", "GraphoptError", "PassError", "RewriteError",
-           "MissingExtraError",
+           "MissingExtraError", "BudgetError", "OptionError", "CannotRewrite", "Rematted",
+           "bisect", "first_differing_pass", "BisectResult",
            "EquivalenceError", "ir", "analysis", "testing"]

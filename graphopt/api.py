@@ -20,8 +20,9 @@ import numpy as np
 import jax
 
 from . import ir
-from .errors import EquivalenceError, GraphoptError
-from .passes import Pipeline, PassContext, placement_of, registered_passes, resolve
+from .errors import EquivalenceError, GraphoptError, OptionError
+from .options import validate
+from .passes import Pass, Pipeline, PassContext, placement_of, registered_passes, resolve
 from .report import Report
 
 # Registering the pass families is the reason for these imports.
@@ -71,8 +72,12 @@ class Optimized:
         functools.update_wrapper(self, fun)
         if not hasattr(self, "__name__"):  # functools.partial and callable objects have none
             self.__name__ = getattr(type(fun), "__name__", "function")
-        self.options = dict(options or {})
-        self.pass_specs = list(passes) if passes is not None else default_passes()
+        self.options = validate(dict(options or {}), f"graphopt.optimize({self.__name__})")
+        remat_only = sorted(k for k in self.options if k.startswith("remat_"))
+        if remat_only and self.options.get("memory_budget") is None:
+            raise OptionError(f"graphopt.optimize({self.__name__}): {', '.join(remat_only)} "
+                              "given without memory_budget, so no rematerialization would run")
+        self.pass_specs = _pass_list(passes) if passes is not None else default_passes()
         if self.options.get("memory_budget") is not None and "remat" not in self.pass_specs:
             # A memory budget asks for rematerialization after the other passes.
             self.pass_specs.append("remat")
@@ -88,6 +93,16 @@ class Optimized:
         if self._sig is not None and any(p.kind is p.VAR_POSITIONAL
                                          for p in self._sig.parameters.values()):
             self._sig = None  # *args: static_argnums count positions, as in jax.jit
+        if self._sig is not None:
+            # a static argument is static however it is passed (jax.jit infers this only
+            # when one of the two is given): hand jax.jit both forms
+            params = list(self._sig.parameters.values())
+            self.static_argnames += tuple(params[i].name for i in self.static_argnums
+                                          if i < len(params) and params[i].name
+                                          not in self.static_argnames)
+            self.static_argnums += tuple(
+                i for i, p in enumerate(params) if p.name in self.static_argnames
+                and p.kind is p.POSITIONAL_OR_KEYWORD and i not in self.static_argnums)
         self._cache: dict = {}
         # jax.jit must see fun's signature to map static args given by name or position.
         inner = functools.wraps(fun)(lambda *a, **k: self._inner(*a, **k))
@@ -214,8 +229,16 @@ class Optimized:
         try:
             # jax.jit's own dispatch caches per signature: no Python overhead per call.
             return self._call(*args, **kwargs)
-        except (TypeError, ValueError):
-            self._build(args, kwargs)  # raises a graphopt error naming a bad argument
+        except (TypeError, ValueError) as exc:
+            entry, _ = self._build(args, kwargs)  # raises a graphopt error naming a bad argument
+            made = _passes_adding(entry.report.records, "custom_vjp_call")
+            if "forward-mode" in str(exc) and made:
+                exc.add_note(
+                    f"graphopt.optimize({self.__name__}): {', '.join(made)} rewrote part of the "
+                    "program as jax.custom_vjp functions (a fused kernel's own backward, remat "
+                    "segments), which JAX cannot differentiate in forward mode (jax.jvp, "
+                    "jacfwd); for forward mode optimize without them (passes=..., no "
+                    "memory_budget)")
             raise
 
     def _check(self, entry: _Entry, leaves) -> None:
@@ -232,9 +255,13 @@ class Optimized:
         entry.checked = True
         bad = [f"{k}: max rel err {v['max_rel_err']:.3g}" for k, v in errs.items() if not v["ok"]]
         if bad:
+            from .bisect import first_differing_pass
+            # name the first pass whose output differs, and the equation where it departs
+            culprit = first_differing_pass(entry.original, entry.report.records, concrete)
             raise EquivalenceError(
                 f"graphopt.optimize({self.__name__}): optimized program differs from the "
-                f"original ({', '.join(bad)}); passes were {self.pipeline.names}")
+                f"original ({', '.join(bad)}); passes were {self.pipeline.names}"
+                + (f"\n{culprit}" if culprit is not None else ""))
 
     def jaxpr(self, *args, **kwargs) -> ir.ClosedJaxpr:
         """The optimized jaxpr for these arguments."""
@@ -257,6 +284,25 @@ class Optimized:
         return f"<graphopt.optimize({self.__name__}) passes={self.pipeline.names}>"
 
 
+def _passes_adding(records, primitive: str) -> list[str]:
+    """Names of the passes whose output holds more ``primitive`` equations than their input."""
+    return list(dict.fromkeys(
+        r.name for r in records if r.changed and ir.primitive_counts(r.after).get(primitive, 0)
+        > ir.primitive_counts(r.before).get(primitive, 0)))
+
+
+def _pass_list(passes) -> list:
+    """``passes`` as a list, its names checked now rather than at the first call."""
+    if isinstance(passes, (str, Pass)) or (callable(passes) and not isinstance(passes, type)):
+        passes = [passes]
+    if not isinstance(passes, (list, tuple)):
+        raise OptionError(f"graphopt.optimize: passes must be a list of pass names, Pass "
+                          f"objects or functions, got {type(passes).__name__} {passes!r}; "
+                          f"registered passes: {', '.join(registered_passes())}")
+    resolve(list(passes))
+    return list(passes)
+
+
 def optimize(fun: Callable | None = None, *, passes=None, check: bool = False,
              static_argnums: int | Sequence[int] = (), static_argnames: str | Sequence[str] = (),
              jit: bool = True, max_rounds: int = 4, **options):
@@ -272,9 +318,7 @@ def optimize(fun: Callable | None = None, *, passes=None, check: bool = False,
       **options: pass options, e.g. ``fold_max_bytes=...``.
     """
     if passes is not None:
-        resolve(list(passes) if not isinstance(passes, str) else [passes])  # fail early on bad names
-        if isinstance(passes, str):
-            passes = [passes]
+        passes = _pass_list(passes)
     kwargs = dict(passes=passes, check=check, static_argnums=static_argnums,
                   static_argnames=static_argnames, jit=jit, options=options, max_rounds=max_rounds)
     if fun is None:
@@ -282,24 +326,50 @@ def optimize(fun: Callable | None = None, *, passes=None, check: bool = False,
     return Optimized(fun, **kwargs)
 
 
-def remat(fun: Callable | None = None, *, memory_budget, **options):
-    """Rematerialize ``fun`` (a model or loss, before ``jax.grad``) under a memory budget.
+class Rematted(Optimized):
+    """``graphopt.remat``: :class:`Optimized` running the remat pass alone."""
 
-    ``memory_budget``: bytes (int or "2GiB") of XLA temp memory for the differentiated
-    program, or a float in (0, 1] as a fraction of its un-rematerialized temp memory.
-    The returned function steers what AD saves (names plus a checkpoint policy).
+    def info(self, *args, **kwargs) -> dict:
+        """What the remat pass chose for these arguments: placement, solver, bytes
+        (``base_bytes``, ``budget_bytes``, ``bytes``), ``flops`` recomputed, notes."""
+        for rec in self.report(*args, **kwargs).records:
+            if rec.name == "remat" and rec.stats.details:
+                return dict(rec.stats.details)
+        raise GraphoptError(f"graphopt.remat({self.__name__}): the remat pass recorded "
+                            "nothing for these arguments")
+
+
+# graphopt.remat's former option names, read as the optimize options they always meant
+_REMAT_ALIASES = {"solver": "remat_solver", "max_cuts": "remat_max_cuts",
+                  "time_limit": "remat_time_limit"}
+
+
+def remat(fun: Callable | None = None, *, memory_budget, static_argnums=(), static_argnames=(),
+          jit: bool = True, **options):
+    """Rematerialize ``fun`` under a memory budget; the same road as
+    ``optimize(fun, passes=["remat"], memory_budget=...)``.
+
+    On a model or loss (``jax.grad`` outside) it steers what AD saves; on a whole
+    training step it rewrites the step's schedule. ``memory_budget``: bytes (int or
+    "2GiB") of XLA temp memory of the differentiated program, or a float in (0, 1] as a
+    fraction of its un-rematerialized temp memory. Static arguments as in ``jax.jit``.
     """
+    options = {_REMAT_ALIASES.get(k, k): v for k, v in options.items()}
+    kwargs = dict(passes=["remat"], static_argnums=static_argnums,
+                  static_argnames=static_argnames, jit=jit,
+                  options={"memory_budget": memory_budget, **options})
     if fun is None:
-        return lambda f: remat(f, memory_budget=memory_budget, **options)
-    from graphopt.transforms import remat as _remat
-    return _remat.make_remat(fun, memory_budget=memory_budget, **options)
+        return lambda f: Rematted(f, **kwargs)
+    return Rematted(fun, **kwargs)
 
 
 def optimize_jaxpr(cj: ir.ClosedJaxpr, passes=None, **options):
     """Run the pipeline on an already traced closed jaxpr: (optimized, records)."""
     pipe = Pipeline(passes if passes is not None else default_passes(), check=True)
-    ctx = PassContext(placement=placement_of(cj), options=options, platform=jax.default_backend())
+    ctx = PassContext(placement=placement_of(cj), options=validate(options, "graphopt.optimize_jaxpr"),
+                      platform=jax.default_backend())
     return pipe.run(cj, ctx)
 
 
-__all__ = ["optimize", "remat", "Optimized", "optimize_jaxpr", "default_passes", "registered_passes"]
+__all__ = ["optimize", "remat", "Optimized", "Rematted", "optimize_jaxpr", "default_passes",
+           "registered_passes"]

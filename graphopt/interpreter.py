@@ -68,6 +68,7 @@ class Stats:
     hits: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     unknown: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     notes: list = dataclasses.field(default_factory=list)
+    details: dict = dataclasses.field(default_factory=dict)  # a pass's own figures
 
     def hit(self, rule: str, n: int = 1) -> None:
         self.hits[rule] += n
@@ -81,6 +82,7 @@ class Stats:
         self.unknown.update(other.unknown)
         for n in other.notes:
             self.note(n)
+        self.details.update(other.details)
 
     def as_dict(self) -> dict:
         return {"hits": dict(self.hits), "unknown": dict(self.unknown), "notes": list(self.notes)}

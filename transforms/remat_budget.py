@@ -4,46 +4,16 @@ the plan's byte model to XLA's figure (:func:`choose`), for the post-AD pass
 (:mod:`.remat_pre`)."""
 from __future__ import annotations
 
-import re
-
 import jax
 
 from graphopt import analysis, ir, progress
+from graphopt.errors import BudgetError
+from graphopt.options import parse_budget
 from graphopt.interpreter import Stats
 from graphopt.passes import PassResult
 
 from .remat_plan import Plan
 from .remat_solvers import solve, solve_greedy
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20,
-          "gib": 2**30, "tib": 2**40}
-
-
-def parse_budget(budget, reference: int | None = None) -> int:
-    """Bytes for an int, a string like "2GiB", or a float fraction of ``reference``."""
-    if isinstance(budget, bool) or budget is None:
-        raise ValueError(f"remat: memory_budget must be bytes, a string like '2GiB' or a "
-                         f"fraction in (0, 1], got {budget!r}")
-    if isinstance(budget, int):
-        if budget <= 0:
-            raise ValueError(f"remat: memory_budget must be positive, got {budget} bytes")
-        return budget
-    if isinstance(budget, float):
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(f"remat: a float memory_budget is a fraction in (0, 1], got {budget}")
-        if reference is None:
-            raise ValueError("remat: a fractional memory_budget needs the program's temp memory")
-        return max(1, int(budget * reference))
-    if isinstance(budget, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
-        if m and m.group(2).lower() in _UNITS:
-            return max(1, int(float(m.group(1)) * _UNITS[m.group(2).lower()]))
-        raise ValueError(f"remat: cannot read memory_budget {budget!r}; write e.g. '2GiB', "
-                         f"'512MiB', '300MB' or bytes as an int")
-    raise ValueError(f"remat: memory_budget must be int, str or float, got "
-                     f"{type(budget).__name__}")
-
 
 # ----------------------------------------------------------------------- calibration
 
@@ -63,10 +33,6 @@ def estimated_temp(cj: ir.ClosedJaxpr) -> int:
 
 
 MEASURES = {"xla": xla_temp, "estimate": estimated_temp}
-
-
-class BudgetError(ValueError):
-    """The memory budget is below what rematerialization can reach."""
 
 
 def next_target(points, budget_bytes: int, model: float, mem: int):
@@ -153,7 +119,7 @@ def choose(plan: Plan, build, measure, budget_bytes: int, base_mem: int, *, solv
     if floor <= limit:
         prog, mem = min(tried.values(), key=lambda t: t[1])
         return prog, sol, mem
-    raise BudgetError(infeasible_msg(budget_bytes, floor, base_mem))
+    raise infeasible(budget_bytes, floor, base_mem)
 
 
 def infeasible_msg(budget_bytes: int, floor: int, base_mem: int) -> str:
@@ -161,6 +127,12 @@ def infeasible_msg(budget_bytes: int, floor: int, base_mem: int) -> str:
     return (f"remat: memory_budget of {budget_bytes} bytes ({analysis.fmt_bytes(budget_bytes)}) "
             f"is below what rematerialization reaches: the smallest feasible budget is {floor} "
             f"bytes ({analysis.fmt_bytes(floor)}); without remat the program needs {base_mem} bytes")
+
+
+def infeasible(budget_bytes: int, floor: int, base_mem: int, why: str = "") -> BudgetError:
+    """The :class:`BudgetError` for a budget below ``floor``, its figures as attributes."""
+    return BudgetError(infeasible_msg(budget_bytes, floor, base_mem) + why,
+                       budget_bytes=budget_bytes, floor_bytes=floor, base_bytes=base_mem)
 
 
 def finish(prog, stats, how, base, mem, budget_bytes, flops) -> PassResult:
@@ -174,4 +146,4 @@ def finish(prog, stats, how, base, mem, budget_bytes, flops) -> PassResult:
 
 
 __all__ = ["parse_budget", "xla_temp", "estimated_temp", "MEASURES", "BudgetError",
-           "next_target", "choose", "infeasible_msg", "finish"]
+           "next_target", "choose", "infeasible_msg", "infeasible", "finish"]

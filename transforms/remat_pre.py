@@ -1,6 +1,7 @@
 """Pre-AD rematerialization: steer what ``jax.grad`` saves, under a byte budget.
 
-:func:`make_remat` (``graphopt.remat``) traces a model or loss, cuts its equations into
+:func:`pre_ad_pass` (the remat pass on a program with no backward pass: ``graphopt.remat``
+or ``graphopt.optimize(loss, memory_budget=...)``) takes a model or loss, cuts its equations into
 segments (:mod:`.remat_plan`) and turns each segment the solver picks into a
 ``jax.custom_vjp`` function: its forward saves only the segment's inputs, its backward
 recomputes the segment and takes its VJP inside a fenced ``lax.cond`` keyed on the
@@ -28,10 +29,14 @@ import jax.numpy as jnp
 
 from graphopt import analysis, ir
 from graphopt.interpreter import Stats
+from graphopt.passes import PassResult
 
-from .remat_budget import BudgetError, infeasible_msg, choose, parse_budget
+from .remat_budget import choose, infeasible, parse_budget
 from .remat_plan import SAVED_BY, Plan, build_plan, recomputable
 from .remat_solvers import solve_greedy
+
+# The name scope of what this module rewrote: a second run leaves such a program alone.
+PRE_AD_SCOPE = "remat_pre_ad"
 
 # Primitives whose VJP needs none of their inputs: their operands are not residuals.
 LINEAR = frozenset({
@@ -152,8 +157,9 @@ def apply_pre_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats | None = No
     def run(*args):
         env = dict(zip(jaxpr.constvars, cj.consts))
         env.update(zip(jaxpr.invars, args))
-        for ins, outs, f in chunks:
-            env.update(zip(outs, f(*[env[v] for v in ins])))
+        with jax.named_scope(PRE_AD_SCOPE):  # marks the program as rewritten (idempotence)
+            for ins, outs, f in chunks:
+                env.update(zip(outs, f(*[env[v] for v in ins])))
         return [env[v] if ir.is_var(v) else ir.literal_value(v) for v in jaxpr.outvars]
 
     return ir.trace_flat(run, cj.in_avals)
@@ -190,7 +196,8 @@ def checkpoint_scans(cj: ir.ClosedJaxpr, level: str):
         body = e.params["jaxpr"]
         # prevent_cse=False: the backward scan body is another loop, XLA cannot merge it.
         f = jax.checkpoint(ir.jaxpr_as_fun(body), policy=policy, prevent_cse=False)
-        eqns[i] = ir.map_subjaxprs(e, lambda sub, is_open, f=f: ir.trace_flat(f, sub.in_avals))
+        eqns[i] = ir.eqn_with_name_stack(ir.map_subjaxprs(
+            e, lambda sub, is_open, f=f: ir.trace_flat(f, sub.in_avals)), PRE_AD_SCOPE)
         flops += e.params["length"] * sum(analysis.eqn_cost(b).flops for b in body.jaxpr.eqns
                                           if not _saved_by(b, level))
         n += 1
@@ -218,55 +225,10 @@ def grad_temp(cj: ir.ClosedJaxpr) -> int:
     return analysis.xla_memory(grad_program(cj), *specs)["temp_bytes"]
 
 
-class Rematted:
-    """A function whose differentiation saves only what the remat solver chose."""
-
-    def __init__(self, fun, memory_budget, **options):
-        if not callable(fun):
-            raise TypeError(f"graphopt.remat expects a function, got {type(fun).__name__}")
-        parse_budget(memory_budget, 1)  # reject a malformed budget now, not at first call
-        self.fun = fun
-        self.memory_budget = memory_budget
-        self.options = options
-        self._cache: dict = {}
-        self.stats: dict = {}
-        functools.update_wrapper(self, fun)
-
-    def _build(self, args, kwargs):
-        leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
-        key = (tree, tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves))
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit, leaves
-
-        def flat(*xs):
-            a, kw = jax.tree_util.tree_unflatten(tree, list(xs))
-            return self.fun(*a, **kw)
-        specs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
-        cj, out_shape = jax.make_jaxpr(flat, return_shape=True)(*specs)
-        prog, info = remat_jaxpr_pre_ad(cj, self.memory_budget, **self.options)
-        entry = (prog, jax.tree_util.tree_structure(out_shape))
-        self._cache[key] = entry
-        self.stats[key] = info
-        return entry, leaves
-
-    def __call__(self, *args, **kwargs):
-        (prog, out_tree), leaves = self._build(args, kwargs)
-        return jax.tree_util.tree_unflatten(out_tree, ir.eval_jaxpr(prog, *leaves))
-
-    def jaxpr(self, *args, **kwargs):
-        return self._build(args, kwargs)[0][0]
-
-    def info(self, *args, **kwargs) -> dict:
-        """What the solver chose for these arguments (solver, bytes, FLOPs, notes)."""
-        self._build(args, kwargs)
-        return list(self.stats.values())[-1]
-
-
 def remat_jaxpr_pre_ad(cj, memory_budget, solver="auto", max_cuts=128, time_limit=10.0,
-                       tolerance=0.05):
+                       tolerance=0.05, stats: Stats | None = None):
     """(rewritten closed jaxpr, info dict) for a function that AD will differentiate."""
-    stats = Stats()
+    stats = stats if stats is not None else Stats()
     base = grad_temp(cj)
     budget_bytes = parse_budget(memory_budget, base)
     info = {"placement": "pre-AD", "base_bytes": base, "budget_bytes": budget_bytes,
@@ -302,7 +264,7 @@ def remat_jaxpr_pre_ad(cj, memory_budget, solver="auto", max_cuts=128, time_limi
                       dots_kept_span=0)
     if not plan.segments:
         if seg_base < base:
-            raise BudgetError(infeasible_msg(budget_bytes, seg_base, base))
+            raise infeasible(budget_bytes, seg_base, base)
         stats.note("remat: nothing recomputable; no-op")
         info.update(bytes=base, flops=0.0, solver=None)
         return cj, info
@@ -313,7 +275,7 @@ def remat_jaxpr_pre_ad(cj, memory_budget, solver="auto", max_cuts=128, time_limi
     build = functools.partial(apply_pre_ad, cj, plan)
     floor = grad_temp(build(least.remat))
     if floor > budget_bytes * (1 + tolerance):
-        raise BudgetError(infeasible_msg(budget_bytes, min(floor, seg_base), base))
+        raise infeasible(budget_bytes, min(floor, seg_base), base)
     prog, sol, mem = choose(plan, build, grad_temp, budget_bytes, seg_base, solver=solver,
                             time_limit=time_limit, tolerance=tolerance, stats=stats,
                             known={tuple(least.remat): floor},
@@ -323,10 +285,21 @@ def remat_jaxpr_pre_ad(cj, memory_budget, solver="auto", max_cuts=128, time_limi
     return prog, info
 
 
-def make_remat(fun, *, memory_budget, **options):
-    """``fun`` rematerialized for ``memory_budget`` (see :mod:`graphopt.transforms.remat`)."""
-    return Rematted(fun, memory_budget, **options)
+def pre_ad_pass(cj: ir.ClosedJaxpr, ctx, stats: Stats) -> PassResult:
+    """The remat pass on a program holding no backward pass (a model or loss that
+    ``jax.grad`` will differentiate): steer what AD saves. ``stats.details`` gets the
+    info dict (``graphopt.remat(...).info``)."""
+    prog, info = remat_jaxpr_pre_ad(cj, ctx.option("memory_budget"),
+                                    solver=ctx.option("remat_solver", "auto"),
+                                    max_cuts=ctx.option("remat_max_cuts", 128),
+                                    time_limit=ctx.option("remat_time_limit", 10.0),
+                                    stats=stats)
+    stats.details.update(info)
+    if prog is not cj:
+        stats.hit("remat.bytes_saved", int(info["base_bytes"] - info["bytes"]))
+        stats.hit("remat.flops_recomputed", int(info["flops"]))
+    return PassResult(prog, prog is not cj, stats)
 
 
-__all__ = ["make_remat", "apply_pre_ad", "ad_residuals", "Rematted", "remat_jaxpr_pre_ad",
+__all__ = ["apply_pre_ad", "ad_residuals", "remat_jaxpr_pre_ad", "pre_ad_pass", "PRE_AD_SCOPE",
            "grad_program", "grad_temp", "LINEAR"]
