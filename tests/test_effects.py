@@ -346,10 +346,6 @@ def test_scan_step_without_effects_gets_the_scan_rewrite():
     assert _remat_record(opt, *RNN_ARGS).stats.hits["remat.scan_residuals_dropped"] > 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "remat_scan.find_pairs skips a forward scan whose body has effects (ir.impure) without "
-    "a note, so the BudgetError names only micro-batching's refusal ('scan has effects'), "
-    "not why the scan rewrite left the scan alone"))
 def test_scan_rewrite_refused_for_effects_says_so():
     from graphopt.transforms.remat import BudgetError
     opt = graphopt.optimize(make_rnn_step(), memory_budget=0.75, **REMAT_OPTS)

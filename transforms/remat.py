@@ -16,7 +16,7 @@ What it rewrites:
   micro-batches, first where that recomputes nothing (gradient accumulation), else below
   the floor of choosing what to keep (batch norm) (``remat_micro_batches``).
 - **pre-AD** (a model or loss that ``jax.grad`` will differentiate, via
-  :func:`make_remat` / ``graphopt.remat``): each chosen segment becomes a
+  ``graphopt.remat`` or ``optimize(loss, memory_budget=...)``, :mod:`.remat_pre`): each chosen segment becomes a
   ``jax.custom_vjp`` function whose forward saves only its inputs and whose backward
   recomputes the segment and its VJP.
 
@@ -168,7 +168,9 @@ def apply_post_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats,
     for i in range(B, len(eqns)):
         e = eqns[i]
         for seg in at.get(i, ()):
-            gs = [env.get(a, a) for a in e.invars if a in produced_bwd and _float_var(a)]
+            # a literal operand (e.g. a max's -inf init) is unhashable: not a backward value
+            gs = [env.get(a, a) for a in e.invars
+                  if ir.is_var(a) and a in produced_bwd and _float_var(a)]
             if order_backward:
                 # XLA CPU defers weight/bias-gradient reductions to the update, keeping
                 # each layer's big cotangents alive to the end: key the fence on every
@@ -252,7 +254,7 @@ def _target_level(cj: ir.ClosedJaxpr):
 def _rematerialized(jaxpr) -> bool:
     """Whether graphopt's recomputations or micro-batch loops are in this program already
     (at its top level, in a scan body, or under one jit)."""
-    if (any(ir.name_stack(e).split("/")[0] == "remat" for e in jaxpr.eqns)
+    if (any(ir.name_stack(e).split("/")[0] in ("remat", PRE_AD_SCOPE) for e in jaxpr.eqns)
             or remat_scan.scan_rematerialized(jaxpr)):
         return True
     return any(_rematerialized(ir.as_closed(sub).jaxpr) for e in jaxpr.eqns
@@ -271,12 +273,8 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
         stats.note("remat: program already rematerialized by graphopt; left as is")
         return PassResult(cj, False, stats)
     found = _target_level(cj)
-    if found is None:
-        stats.note("remat: no backward pass in this program (pre-AD placement); use "
-                   "graphopt.remat(fn, memory_budget=...) on a function jax.grad will "
-                   "differentiate")
-        parse_budget(budget, 1)  # still reject a malformed budget
-        return PassResult(cj, False, stats)
+    if found is None:  # no backward pass: steer what jax.grad will save instead
+        return pre_ad_pass(cj, ctx, stats)
     inner, wrap, invar_map = found
     positions = None if ctx.arg_positions is None else [
         None if k is None else ctx.arg_positions[k] for k in invar_map]
@@ -303,6 +301,14 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
 
     micro = remat_micro.MicroBatching(original, wrap, measure, budget_bytes, base, stats,
                                       micro_opt, positions)
+    # a scan whose body has effects or random numbers is never recomputed: say so
+    impure_scans = [ir.source_line(e) or "no source line" for e in inner.jaxpr.eqns
+                    if e.primitive.name == "scan" and ir.impure(e)]
+    if impure_scans:
+        why = (f"; scan rewrite not possible for the scan(s) at {', '.join(impure_scans)}: "
+               "their bodies have effects or random numbers")
+        stats.note("remat:" + why[1:])
+        micro.why += why
     done = micro.first()
     if done is not None:
         return done
@@ -438,13 +444,13 @@ def _flops(cj, plan, remat, skip_kept) -> float:
     return float(sum(s.flops for s in recomputed_segments(cj.jaxpr, plan, remat)))
 
 
-from .remat_pre import make_remat, apply_pre_ad  # noqa: E402  (pre-AD placement)
+from .remat_pre import PRE_AD_SCOPE, apply_pre_ad, pre_ad_pass  # noqa: E402  (pre-AD placement)
 
 register_pass(Pass("remat", remat_pass,
                    "rematerialize under memory_budget: recompute forward segments before "
                    "their backward uses (post-AD) or steer AD with fenced custom_vjp "
                    "segments (graphopt.remat, pre-AD)", "remat"))
 
-__all__ = ["remat_pass", "make_remat", "apply_post_ad", "apply_pre_ad", "parse_budget",
+__all__ = ["remat_pass", "apply_post_ad", "apply_pre_ad", "parse_budget",
            "fenced", "choose", "xla_temp", "estimated_temp", "next_target", "BudgetError",
            "remat_plan"]

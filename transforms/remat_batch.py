@@ -22,7 +22,10 @@ What is batched is inferred: the leaves of the step's last argument (a step's ``
 comes last; :func:`batch_inputs`), then propagated through a rule table per primitive (:data:`RULES`, default: a primitive
 not in the table that reads a batched value stops the rewrite, which the report names).
 Every rule splits a computation exactly (a sum into partial sums), so results equal the
-original up to the order of float additions.
+original up to the order of float additions. A batched value that a comparison reads
+beside a max over the batch from an earlier loop (a max's gradient mask) is stored by
+the first loop that computes it, not recomputed: XLA may round a recomputation
+differently, and the comparison would then be false everywhere (:func:`_stash`).
 """
 from __future__ import annotations
 
@@ -34,8 +37,10 @@ from jax import lax
 
 from graphopt import analysis, ir
 
-from .remat_batch_rules import (ADDITIVE, LINEAR, RULES, Unstreamable, micro_params,
-                                rebuildable, shape_of)
+from .remat_batch_rules import (RULES, Unstreamable, batch_inputs, check_accumulator,
+                                check_linear, combine, identity, micro_params, rebuildable,
+                                shape_of)
+from .remat_plan import float_compare
 
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call"})
 
@@ -84,8 +89,10 @@ def _scan(e, in_axes, n):
                 raise Unstreamable("scan carry changes its batch axis")
         if not changed:
             break
-    for c in acc:  # each micro-batch starts it at zero and the init is added once after:
-        _check_accumulator(eqns, outvars, invars[nc + c], outvars[c], partial)  # c += sum
+    base = {}  # each micro-batch starts the carry at zero; its init is added once after,
+    for c in acc:  # to the final carry and to ys emitting the running sum as it is
+        ys = check_accumulator(eqns, outvars, nk, invars[nc + c], outvars[c], partial)
+        base.update({c: nc + c, **{nk + y: nc + c for y in ys}})
     if any(a == -1 for a in b_in):
         raise Unstreamable("scan body slices its xs along the batch axis")
 
@@ -97,24 +104,8 @@ def _scan(e, in_axes, n):
         return partial.get(v, "same")
     outs = [out_of(v, 0) for v in outvars[:nk]] + [out_of(v, 1) for v in outvars[nk:]]
     op_axes = b_in[:nc + nk] + [None if a is None else a + 1 for a in b_in[nc + nk:]]
-    base = {c: nc + c for c in acc}
     return op_axes, outs, base, Body(eqns, outvars, how, axis, list(invars),
                                       list(body.jaxpr.constvars), list(body.consts))
-
-
-def _check_accumulator(eqns, outvars, v_in, v_out, partial):
-    """A carry that sums over the batch must be ``c_out = c_in + (a sum)`` and nothing
-    else may read ``c_in`` or ``c_out`` (a decayed, overwritten or emitted carry would
-    lose or repeat its initial value across micro-batches)."""
-    readers = [e for e in eqns if v_in in e.invars or v_out in e.invars]
-    made = next((e for e in eqns if v_out in e.outvars), None)
-    ok = (made is not None and readers == [made] and made.primitive.name in ("add", "add_any")
-          and sum(a is v_in for a in made.invars) == 1
-          and all(a is v_in or (ir.is_var(a) and a in partial) for a in made.invars)
-          and sum(ir.is_var(v) and v is v_out for v in outvars) == 1)
-    if not ok:
-        raise Unstreamable("scan carry mixes its initial value with a sum over the batch "
-                           "other than by adding to it")
 
 
 RULES["scan"] = _scan  # here: it classifies the body with the analysis below
@@ -174,7 +165,7 @@ def _classify(eqns, axis: dict, n: int, partial: dict | None):
     for i, e in enumerate(eqns):
         in_axes = [axis.get(a) if ir.is_var(a) else None for a in e.invars]
         if partial is not None and any(ir.is_var(a) and a in partial for a in e.invars):
-            wants.update(_check_linear(e, partial, in_axes))
+            wants.update(check_linear(e, partial, in_axes))
             partial.update((v, "sum") for v in e.outvars)
             continue
         if all(a is None for a in in_axes):
@@ -210,26 +201,6 @@ def _classify(eqns, axis: dict, n: int, partial: dict | None):
     return how, aligned, wants
 
 
-def _check_linear(e, partial, in_axes) -> list:
-    """Raise unless ``e`` keeps a per-iteration sum over the batch a sum; returns the
-    global operands an addition adds to it (fine only if they are sums too: a scan's
-    accumulating carry, which the scan rule then marks)."""
-    parts = [ir.is_var(a) and a in partial for a in e.invars]
-    name = e.primitive.name
-    if not any(a is not None for a in in_axes):
-        if name in ADDITIVE and all(p or ir.is_var(a) for p, a in zip(parts, e.invars)):
-            return [a for p, a in zip(parts, e.invars) if not p]
-        if name == "convert_element_type" and not all(
-                jnp.issubdtype(x.aval.dtype, jnp.floating) for x in (e.invars[0], e.outvars[0])):
-            pass  # a sum of integer conversions is not the conversion of the sum
-        elif name in ("mul", "div", "dot_general") and not jnp.issubdtype(
-                e.outvars[0].aval.dtype, jnp.floating):
-            pass  # integer division (and wrapping products) do not split over sums
-        elif name in LINEAR and sum(parts) == 1 and (parts[0] or name in ("mul", "dot_general")):
-            return []
-    raise Unstreamable(f"{e.primitive} of a per-iteration sum over the batch is not linear")
-
-
 @dataclasses.dataclass
 class Analysis:
     eqns: list                  # the program's equations, calls inlined
@@ -242,6 +213,7 @@ class Analysis:
     out_loop: dict              # index of a batched outvar -> loop that emits it
     n_loops: int
     cone: dict                  # loop -> batched equations it recomputes, in order
+    stash: dict = dataclasses.field(default_factory=dict)  # var -> loop that stores it
 
     @property
     def batched_scans(self) -> int:
@@ -255,36 +227,6 @@ class Analysis:
             i for i, lp in self.loop_of.items() if lp == j})]
         flops = {i: analysis.eqn_cost(self.eqns[i]).flops for i in runs}
         return float(sum(flops[i] for i in runs) - sum(flops.values()))
-
-
-def batch_inputs(jaxpr, positions=None) -> tuple[int, list]:
-    """(batch size, per invar: 0 when batched along its leading axis, else None).
-
-    ``positions`` (per invar, its argument's place in the call, as ``graphopt.optimize``
-    knows it): the leaves of the last argument, which must share a leading size.
-    Without it: the trailing run of invars whose leading size is the last invar's."""
-    shapes = [tuple(v.aval.shape) for v in jaxpr.invars]
-    if positions is not None and any(p is not None for p in positions):
-        last = max(p for p in positions if p is not None)
-        mine = [i for i, p in enumerate(positions) if p == last]
-        sizes = {shapes[i][0] if shapes[i] else None for i in mine}
-        if len(sizes) != 1 or None in sizes:
-            raise Unstreamable("the last argument's leaves do not share a leading (batch) "
-                               f"axis: shapes {[shapes[i] for i in mine]}")
-        n = sizes.pop()
-        axes = [0 if i in mine else None for i in range(len(shapes))]
-    else:
-        if not shapes or not shapes[-1]:
-            raise Unstreamable("the last argument has no batch axis (scalar or no arguments)")
-        n = shapes[-1][0]
-        axes = [None] * len(shapes)
-        for i in range(len(shapes) - 1, -1, -1):
-            if not shapes[i] or shapes[i][0] != n:
-                break
-            axes[i] = 0
-    if n < 2:
-        raise Unstreamable(f"batch of size {n}")
-    return n, axes
 
 
 def analyse(cj: ir.ClosedJaxpr, positions=None) -> Analysis:
@@ -318,13 +260,38 @@ def analyse(cj: ir.ClosedJaxpr, positions=None) -> Analysis:
     if not loop_of:
         raise Unstreamable("nothing reduces over the batch")
     n_loops = max([*loop_of.values(), *out_loop.values()])
+    args = (eqns, outvars, {**axis, **same}, loop_of, out_loop, n_loops)
+    cone = _cones(*args)
+    stash = _stash(eqns, how, axis, level, loop_of, cone)
     return Analysis(eqns, outvars, n, batched_in, axis, how, loop_of, out_loop, n_loops,
-                    _cones(eqns, outvars, {**axis, **same}, loop_of, out_loop, n_loops))
+                    _cones(*args, stash) if stash else cone, stash)
 
 
-def _cones(eqns, outvars, axis, loop_of, out_loop, n_loops) -> dict:
-    """Per loop, the batched equations its combining equations and batched outputs read."""
+def _stash(eqns, how, axis, level, loop_of, cone) -> dict:
+    """Batched values that a comparison reads beside a global made by an earlier loop
+    (a max's gradient mask ``eq(x, max x)``) and that more than one loop computes: var
+    -> the first loop, which stores them for the later ones. XLA rounds the same dot
+    differently in two loop bodies (7e-7 apart), and the mask would come out empty."""
     producer = {v: i for i, e in enumerate(eqns) for v in e.outvars}
+    stash = {}
+    for i in how:
+        e = eqns[i]
+        if not float_compare(e) or not any(a not in axis and level.get(a, 0) > 0
+                                           for a in e.invars):
+            continue
+        for p in {producer[a] for a in e.invars if a in axis and a in producer}:
+            loops = {j for j, c in cone.items() if p in c} | (
+                {loop_of[p]} if p in loop_of else set())
+            if len(loops) > 1:  # all its batched outputs, so that nothing re-runs it
+                stash.update((v, min(loops)) for v in eqns[p].outvars if v in axis)
+    return stash
+
+
+def _cones(eqns, outvars, axis, loop_of, out_loop, n_loops, stash=None) -> dict:
+    """Per loop, the batched equations its combining equations and batched outputs read
+    (up to the values an earlier loop stored: ``stash``)."""
+    producer = {v: i for i, e in enumerate(eqns) for v in e.outvars}
+    stash = stash or {}
     cone = {}
     for j in range(1, n_loops + 1):
         todo = [v for i, lp in loop_of.items() if lp == j for v in eqns[i].invars]
@@ -332,7 +299,8 @@ def _cones(eqns, outvars, axis, loop_of, out_loop, n_loops) -> dict:
         seen = set()
         while todo:
             v = todo.pop()
-            i = producer.get(v) if ir.is_var(v) and v in axis else None
+            i = producer.get(v) if ir.is_var(v) and v in axis and stash.get(v, j) >= j \
+                else None
             if i is None or i in seen:
                 continue
             seen.add(i)
@@ -350,21 +318,6 @@ def _read(env, a):
 def _run_as_is(e, env):
     """Evaluate equation ``e`` on whole values from ``env`` into ``env``."""
     env.update(zip(e.outvars, ir.bind_eqn(e, [_read(env, a) for a in e.invars])))
-
-
-def _combine(kind, acc, part):
-    if kind == "sum":
-        return acc + part
-    if kind == "same":
-        return part
-    return jnp.maximum(acc, part) if kind == "max" else jnp.minimum(acc, part)
-
-
-def _init(kind, aval):
-    if kind in ("sum", "same"):
-        return jnp.zeros(aval.shape, aval.dtype)
-    big = jnp.inf if jnp.issubdtype(aval.dtype, jnp.floating) else jnp.iinfo(aval.dtype).max
-    return jnp.full(aval.shape, -big if kind == "max" else big, aval.dtype)
 
 
 class _Micro:
@@ -451,28 +404,30 @@ def stream(cj: ir.ClosedJaxpr, k: int, an: Analysis | None = None) -> ir.ClosedJ
                     _run_as_is(e, env)
         xs_in = [(v, a.reshape((k, m) + a.shape[1:])) for v, a, ax in
                  zip(jaxpr.invars, args, an.batched_in) if ax is not None]
+        stored: list = []  # (var, [k, micro-batch value]) a loop keeps for later ones
         for j in range(1, an.n_loops + 1):
             run_globals()
             reds = [i for i, lp in an.loop_of.items() if lp == j]
             comb = [(i, kd, v) for i in reds for kd, v in zip(an.how[i].outs, eqns[i].outvars)
                     if isinstance(kd, str)]
             outs = [o for o, lp in an.out_loop.items() if lp == j]
+            keep = [v for v, lp in an.stash.items() if lp == j]
 
-            def body(acc, i, reds=reds, comb=comb, outs=outs, j=j):
+            def body(acc, i, reds=reds, comb=comb, outs=outs, keep=keep, j=j):
                 # acc None: the first micro-batch, run before a loop of k - 1; its partial
                 # results start the accumulators (no zero fill, one add fewer: 2-3 points
                 # of the GPT step's time on an H200)
                 benv = dict(env)
                 benv.update((v, lax.dynamic_index_in_dim(x, i, keepdims=False))
-                            for v, x in xs_in)
+                            for v, x in xs_in + stored)
                 order = sorted(set(an.cone[j]) | set(reds))
                 parts: dict = {}
                 _Micro(m, i).run(eqns, an.how, an.axis, benv, order, parts)
                 got = [(parts[v] if v in parts else benv[v]).astype(v.aval.dtype)
                        for _, _, v in comb]
-                acc = got if acc is None else [_combine(kd, a, p) for (_, kd, _), a, p in
+                acc = got if acc is None else [combine(kd, a, p) for (_, kd, _), a, p in
                                                zip(comb, acc, got)]
-                return acc, [benv[an.outvars[o]] for o in outs]
+                return acc, [benv[an.outvars[o]] for o in outs] + [benv[v] for v in keep]
             idx = jnp.arange(k)
             with jax.named_scope(f"remat/stream{j}"):
                 if k > 2:
@@ -482,13 +437,14 @@ def stream(cj: ir.ClosedJaxpr, k: int, an: Analysis | None = None) -> ir.ClosedJ
                     ys = [jnp.concatenate([a[None], b]) for a, b in zip(y0, ys)]
                 else:  # a loop of one would be inlined: two micro-batches in straight-line
                     # code measure 31.8 MiB of the deep MLP's 36.5 on CPU, a loop of two 18.0
-                    acc, ys = lax.scan(body, [_init(kd, v.aval) for _, kd, v in comb], idx)
+                    acc, ys = lax.scan(body, [identity(kd, v.aval) for _, kd, v in comb], idx)
             for (i, kd, v), a in zip(comb, acc):
                 base = an.how[i].base.get(eqns[i].outvars.index(v))
                 if base is not None:
                     x = eqns[i].invars[base]
                     a = a + _read(env, x)
                 env[v] = a.astype(v.aval.dtype)
+            stored += zip(keep, ys[len(outs):])
             for o, y in zip(outs, ys):
                 v = an.outvars[o]
                 env[v] = jnp.moveaxis(y, 0, an.axis[v]).reshape(v.aval.shape)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
+import numpy as np
+
 from graphopt import ir
 
 
@@ -287,3 +290,101 @@ def micro_params(e, axes_out, m) -> dict:
     sizes = list(e.params[key])
     sizes[axes_out[0]] = m
     return {key: tuple(sizes)}
+
+
+# ------------------------------------------------------------------ checks and combining
+
+def batch_inputs(jaxpr, positions=None) -> tuple[int, list]:
+    """(batch size, per invar: 0 when batched along its leading axis, else None).
+
+    ``positions`` (per invar, its argument's place in the call, as ``graphopt.optimize``
+    knows it): the leaves of the last argument, which must share a leading size.
+    Without it: the trailing run of invars whose leading size is the last invar's."""
+    shapes = [tuple(v.aval.shape) for v in jaxpr.invars]
+    if positions is not None and any(p is not None for p in positions):
+        last = max(p for p in positions if p is not None)
+        mine = [i for i, p in enumerate(positions) if p == last]
+        sizes = {shapes[i][0] if shapes[i] else None for i in mine}
+        if len(sizes) != 1 or None in sizes:
+            raise Unstreamable("the last argument's leaves do not share a leading (batch) "
+                               f"axis: shapes {[shapes[i] for i in mine]}")
+        n = sizes.pop()
+        axes = [0 if i in mine else None for i in range(len(shapes))]
+    else:
+        if not shapes or not shapes[-1]:
+            raise Unstreamable("the last argument has no batch axis (scalar or no arguments)")
+        n = shapes[-1][0]
+        axes = [None] * len(shapes)
+        for i in range(len(shapes) - 1, -1, -1):
+            if not shapes[i] or shapes[i][0] != n:
+                break
+            axes[i] = 0
+    if n < 2:
+        raise Unstreamable(f"batch of size {n}")
+    return n, axes
+
+
+def check_accumulator(eqns, outvars, nk, v_in, v_out, partial) -> list:
+    """A carry that sums over the batch must be ``c_out = c_in + (a sum)`` and nothing
+    else may read ``c_in`` or ``c_out`` (a decayed, overwritten or negated carry would
+    lose or repeat its initial value across micro-batches). Returns the indices of the
+    ys that emit ``c_in`` or ``c_out`` as they are: the initial value is added to them
+    after the loop, as to the final carry."""
+    readers = [e for e in eqns if v_in in e.invars or v_out in e.invars]
+    made = next((e for e in eqns if v_out in e.outvars), None)
+    carries = [v for v in outvars[:nk] if ir.is_var(v)]
+    ok = (made is not None and readers == [made] and made.primitive.name in ("add", "add_any")
+          and sum(a is v_in for a in made.invars) == 1
+          and all(a is v_in or (ir.is_var(a) and a in partial) for a in made.invars)
+          and sum(v is v_out for v in carries) == 1 and not any(v is v_in for v in carries))
+    if not ok:
+        raise Unstreamable("scan carry mixes its initial value with a sum over the batch "
+                           "other than by adding to it")
+    return [y for y, v in enumerate(outvars[nk:]) if v is v_in or v is v_out]
+
+
+def check_linear(e, partial, in_axes) -> list:
+    """Raise unless ``e`` keeps a per-iteration sum over the batch a sum; returns the
+    global operands an addition adds to it (fine only if they are sums too: a scan's
+    accumulating carry, which the scan rule then marks)."""
+    parts = [ir.is_var(a) and a in partial for a in e.invars]
+    name = e.primitive.name
+    if not any(a is not None for a in in_axes):
+        if name in ADDITIVE and all(p or ir.is_var(a) for p, a in zip(parts, e.invars)):
+            return [a for p, a in zip(parts, e.invars) if not p]
+        if name == "convert_element_type" and not all(
+                jnp.issubdtype(x.aval.dtype, jnp.floating) for x in (e.invars[0], e.outvars[0])):
+            pass  # a sum of integer conversions is not the conversion of the sum
+        elif name in ("mul", "div", "dot_general") and not jnp.issubdtype(
+                e.outvars[0].aval.dtype, jnp.floating):
+            pass  # integer division (and wrapping products) do not split over sums
+        elif name in LINEAR and sum(parts) == 1 and (parts[0] or name in ("mul", "dot_general")):
+            return []
+    raise Unstreamable(f"{e.primitive} of a per-iteration sum over the batch is not linear")
+
+
+def combine(kind, acc, part):
+    """Two micro-batches' values of a "sum"/"max"/"min"/"same" output as one."""
+    if kind == "sum":
+        return acc + part
+    if kind == "same":
+        return part
+    return jnp.maximum(acc, part) if kind == "max" else jnp.minimum(acc, part)
+
+
+def identity(kind, aval):
+    """What a loop's accumulator starts from: the identity of ``kind`` in its own dtype
+    (-iinfo.max wraps for unsigned ints and misses iinfo.min; iinfo rejects bool)."""
+    dt = aval.dtype
+    if kind in ("sum", "same"):
+        return jnp.zeros(aval.shape, dt)
+    lowest = kind == "max"
+    if jnp.issubdtype(dt, jnp.bool_):
+        value = not lowest
+    elif jnp.issubdtype(dt, jnp.floating):
+        value = -jnp.inf if lowest else jnp.inf
+        if not np.isinf(np.array(value, dt)):  # float8 e4m3fn has no inf
+            value = jnp.finfo(dt).min if lowest else jnp.finfo(dt).max
+    else:
+        value = jnp.iinfo(dt).min if lowest else jnp.iinfo(dt).max
+    return jnp.full(aval.shape, value, dt)

@@ -11,7 +11,7 @@ from graphopt import analysis
 from graphopt.passes import PassResult
 
 from . import remat_batch, remat_scan
-from .remat_budget import BudgetError, finish, infeasible_msg
+from .remat_budget import finish, infeasible
 
 
 class MicroBatching:
@@ -50,11 +50,16 @@ class MicroBatching:
                 self.stats.note(f"remat: {why}; the batch of {an.n} runs as {k} micro-batches "
                                 f"in {an.n_loops} loop(s), one per level of reductions over the "
                                 f"batch, recomputing {analysis.fmt_flops(flops)} (measured "
-                                + self._measured() + ")")
+                                + self._measured() + ")" + self._stashed())
                 self.stats.hit("remat.micro_batches", k)
                 return finish(prog, self.stats, f"micro-batches ({k} x {an.n // k})",
                               self.base, m, self.budget_bytes, flops)
         return None
+
+    def _stashed(self) -> str:
+        n = len(self.an.stash)
+        return (f"; {n} batched value(s) compared with a max/min over the batch kept from "
+                "the loop that made them, not recomputed" if n else "")
 
     def _measured(self) -> str:
         return ", ".join(f"{k}: {analysis.fmt_bytes(m)}" for k, (m, _) in self.tried.items())
@@ -110,4 +115,4 @@ class MicroBatching:
                 return done
             self.stats.note("remat: micro-batches measured " + self._measured())
             floor = min([floor] + [m for m, _ in self.tried.values()])
-        raise BudgetError(infeasible_msg(self.budget_bytes, floor, self.base) + self.why)
+        raise infeasible(self.budget_bytes, floor, self.base, self.why)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 
 from graphopt import analysis, ir
@@ -36,6 +37,29 @@ def recomputable(eqn) -> bool:
         return False
     return all(recomputable(e) for _, _, sub in ir.subjaxpr_params(eqn)
                for e in ir.as_closed(sub).jaxpr.eqns)
+
+
+# Comparisons whose result flips on a last-bit difference of an operand.
+COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
+
+
+def float_compare(eqn) -> bool:
+    """A comparison of two computed floating values (a max's gradient mask
+    ``eq(x, max x)``): recomputing one side only can empty the mask, since XLA does not
+    round the same dot bit-identically in two contexts."""
+    return (eqn.primitive.name in COMPARISONS and len(eqn.invars) == 2
+            and all(ir.is_var(a) and jnp.issubdtype(a.aval.dtype, jnp.inexact)
+                    for a in eqn.invars))
+
+
+def split_compares(eqns, picked, computed) -> set:
+    """Indices in ``picked`` of float comparisons reading one value the picked equations
+    make and one they do not that is made elsewhere (in ``computed``): a recomputation
+    must keep their result rather than recompute it."""
+    made = {v for i in picked for v in eqns[i].outvars if ir.is_var(v)}
+    return {i for i in picked if float_compare(eqns[i])
+            and any(a in made for a in eqns[i].invars)
+            and any(a not in made and a in computed for a in eqns[i].invars)}
 
 
 def backward_start(jaxpr) -> int | None:
@@ -167,13 +191,19 @@ def _slice(eqns, idx, outs):
     return picked, inputs
 
 
-def _segment(eqns, a, b, residuals, producer, can, flops, nbytes):
-    """The recomputation of forward equations [a, b): what it outputs, runs and reads."""
-    outs_s = [v for i in range(a, b) for v in eqns[i].outvars
-              if ir.is_var(v) and v in residuals and can[i]]
-    if not outs_s:
-        return None
-    picked, inputs = _slice(eqns, [i for i in range(a, b) if can[i]], outs_s)
+def _segment(eqns, a, b, residuals, producer, can, flops, nbytes, exact=False):
+    """The recomputation of forward equations [a, b): what it outputs, runs and reads.
+    ``exact``: a comparison of a recomputed with a kept value is kept, not recomputed."""
+    idx = [i for i in range(a, b) if can[i]]
+    while True:
+        outs_s = [v for i in idx for v in eqns[i].outvars if ir.is_var(v) and v in residuals]
+        if not outs_s:
+            return None
+        picked, inputs = _slice(eqns, idx, outs_s)
+        bad = split_compares(eqns, picked, producer) if exact else ()
+        if not bad:
+            break
+        idx = [i for i in idx if i not in bad]
     liveins = [x for x in inputs if x in producer]
     return Segment(a, b, outs_s, picked, inputs, liveins, float(sum(flops[i] for i in picked)),
                    int(sum(nbytes[v] for v in outs_s)))
@@ -264,7 +294,13 @@ def build_plan(cj, bwd_start: int | None = None, residuals=None, max_cuts: int =
     residuals = {v for v in residuals if v in producer and v not in outs}
     nbytes = {v: ir.aval_nbytes(v.aval) for v in producer}
     can = [recomputable(eqns[i]) for i in range(n_fwd)]
-    pinned = sorted((v for v in residuals if not can[producer[v]]), key=lambda v: producer[v])
+    exact = bwd_start is not None  # post-AD: a fenced copy may round unlike the original
+    # a backward comparison's forward operands stay as they are: one recomputed could differ
+    compared = {a for e in eqns[n_fwd:] if exact and float_compare(e) for a in e.invars}
+    pinned = sorted((v for v in residuals if not can[producer[v]] or v in compared),
+                    key=lambda v: producer[v])
+    res_bytes = int(sum(nbytes[v] for v in residuals))
+    residuals -= compared
     cuts = candidate_cuts(eqns, n_fwd, max_cuts)
     bounds = [0] + cuts + [n_fwd]
     flops = [analysis.eqn_cost(eqns[i]).flops if can[i] else 0.0 for i in range(n_fwd)]
@@ -273,21 +309,22 @@ def build_plan(cj, bwd_start: int | None = None, residuals=None, max_cuts: int =
     cheap = [c and eqns[i].primitive.name not in DOTS for i, c in enumerate(can)]
     for pi in range(n_pieces):
         for pj in range(pi + 1, min(n_pieces, pi + max_span) + 1):
-            seg = _segment(eqns, bounds[pi], bounds[pj], residuals, producer, can, flops, nbytes)
+            seg = _segment(eqns, bounds[pi], bounds[pj], residuals, producer, can, flops,
+                           nbytes, exact)
             if seg is None:
                 continue
             seg.pieces = (pi, pj)
             segments.append(seg)
             if pj - pi <= dots_kept_span:
                 alt = _segment(eqns, bounds[pi], bounds[pj], residuals, producer, cheap, flops,
-                               nbytes)
+                               nbytes, exact)
                 if alt is not None and alt.eqns != seg.eqns:
                     alt.pieces, alt.keeps_dots = (pi, pj), True
                     segments.append(alt)
-    res_bytes = int(sum(nbytes[v] for v in residuals))
     return Plan(n_fwd, n_fwd if bwd_start is None else bwd_start, cuts, segments, pinned,
                 nbytes, res_bytes, n_pieces)
 
 
 __all__ = ["Plan", "Segment", "DOTS", "SAVED_BY", "build_plan", "candidate_cuts", "backward_start", "recomputable",
-           "recomputed_segments", "NO_RECOMPUTE"]
+           "recomputed_segments", "NO_RECOMPUTE", "COMPARISONS", "float_compare",
+           "split_compares"]

@@ -21,7 +21,7 @@ Which residuals to drop is a greedy order by bytes saved per recomputed FLOP
 (:func:`plan_scans`); the ``remat`` pass measures prefixes of it against the budget. A
 plan can keep dot outputs (:data:`KEEP`, like ``jax.checkpoint``'s dots policies): the
 recomputation then starts from them, and F emits the ones it needs, stacked. Broadcast
-constants reach B as their small sources (:func:`sink_broadcasts`).
+constants reach B as their small sources (:func:`.remat_scan_chunks.sink_broadcasts`).
 
 Deeper levels chunk the stacked carries (the sqrt(L) / nested scan checkpoint), on top
 of the deepest prefix, one pair per level, most bytes per FLOP first; that rewrite lives
@@ -36,12 +36,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from jax import lax
-
 from graphopt import analysis, ir
 
-from .remat_plan import SAVED_BY, recomputable
-from .remat_scan_chunks import Chunking, apply_chunks, plan_chunks
+from .remat_plan import SAVED_BY, recomputable, split_compares
+from .remat_scan_chunks import Chunking, apply_chunks, plan_chunks, sink_broadcasts
 
 
 @dataclasses.dataclass
@@ -144,10 +142,10 @@ KEEP_ORDER = ("dots", "dots_no_batch", "none")  # least recomputation first
 _KEEP_DESC = {"dots": "dot outputs kept", "dots_no_batch": "dots without batch dims kept"}
 
 
-def _cone(body, targets, avail, stop=None):
+def _cone(body, targets, avail, stop=None, kept=frozenset()):
     """Equations of ``body`` recomputing ``targets`` from leaves: ``avail`` vars (B
-    already holds them), invars, constvars and outputs of equations ``stop`` accepts.
-    (eqn indices, leaves) or None."""
+    already holds them), invars, constvars and outputs of equations ``stop`` accepts or
+    ``kept`` lists. (eqn indices, leaves) or None."""
     producer = {}
     for i, e in enumerate(body.eqns):
         for v in e.outvars:
@@ -167,13 +165,19 @@ def _cone(body, targets, avail, stop=None):
         i = producer[v]
         if i in picked:
             continue
-        if stop is not None and stop(body.eqns[i]) and v not in targets:
+        if i in kept and v in targets:
+            return None
+        if (i in kept or stop is not None and stop(body.eqns[i])) and v not in targets:
             leaves.append(v)
             continue
         if not recomputable(body.eqns[i]):
             return None
         picked.add(i)
         need.extend(a for a in body.eqns[i].invars if ir.is_var(a))
+    # a comparison of a recomputed with a received value: F emits its result instead
+    bad = split_compares(body.eqns, picked, set(_inner_vars(body)))
+    if bad:
+        return _cone(body, targets, avail, stop, kept | bad)
     return sorted(picked), leaves
 
 
@@ -370,83 +374,6 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set, stop=None):
     new_b = ir.replace_scan(b, jaxpr=ir.closed(b_body, list(bcj.consts) + new_bconsts),
                             invars=b_outer, num_consts=bnc + len(new_const_in), linear=b_lin)
     return new_f, sink_broadcasts(jaxpr, new_b)
-
-
-def _broadcast_source(jaxpr, producer: dict, a):
-    """(operand, shape, dims) when top-level ``a`` is a broadcast (alone or as an output of
-    a jit, like ``jnp.where``'s) of a value at least 8 times smaller, else None."""
-    i = producer.get(a)
-    if i is None:
-        return None
-    e = jaxpr.eqns[i]
-    src = be = None
-    if e.primitive.name == "broadcast_in_dim":
-        src, be = e.invars[0], e
-    elif e.primitive.name in ("jit", "pjit") and not ir.impure(e):
-        inner = ir.as_closed(e.params["jaxpr"]).jaxpr
-        ov = inner.outvars[e.outvars.index(a)]
-        be = next((x for x in inner.eqns if ov in x.outvars), None)
-        if be is None or be.primitive.name != "broadcast_in_dim":
-            return None
-        src = be.invars[0]
-        if ir.is_var(src):
-            if src not in inner.invars:
-                return None
-            src = e.invars[inner.invars.index(src)]
-    if be is None or be.params.get("sharding") is not None:
-        return None
-    if ir.aval_nbytes(src.aval) * 8 > ir.aval_nbytes(a.aval):
-        return None
-    return src, tuple(be.params["shape"]), tuple(be.params["broadcast_dimensions"])
-
-
-def sink_broadcasts(jaxpr, b):
-    """Scan ``b`` taking its broadcast constants' small sources instead, broadcast again at
-    the top of its body: a big constant entering the loop stays alive for the whole loop
-    (GPT's attention mask and its fill values, [B, N, T, T] each, through the backward;
-    ``jax.checkpoint`` in the body recomputes them)."""
-    nc, _, _ = ir.scan_layout(b)
-    producer = {v: i for i, e in enumerate(jaxpr.eqns) for v in e.outvars if ir.is_var(v)}
-    body = b.params["jaxpr"]
-    bb = body.jaxpr
-    lin = list(b.params.get("linear", (False,) * len(b.invars)))
-    found = [_broadcast_source(jaxpr, producer, a) if ir.is_var(a) else None
-             for a in b.invars[:nc]]
-    keep_in, keep_body, keep_lin, pre, sub = [], [], [], [], {}
-    inside = {}  # outer operand -> body var: each source enters the loop once
-    for p in range(nc):
-        if found[p] is None:
-            keep_in.append(b.invars[p])
-            keep_body.append(bb.invars[p])
-            keep_lin.append(lin[p])
-            if ir.is_var(b.invars[p]):
-                inside.setdefault(b.invars[p], bb.invars[p])
-    for p in range(nc):
-        if found[p] is None:
-            continue
-        src, shape, dims = found[p]
-        inner_src = src
-        if ir.is_var(src):
-            if src not in inside:
-                inside[src] = ir.new_var(src.aval)
-                keep_in.append(src)
-                keep_body.append(inside[src])
-                keep_lin.append(False)
-            inner_src = inside[src]
-        inl = ir.inline(lambda x, shape=shape, dims=dims: lax.broadcast_in_dim(x, shape, dims),
-                        [inner_src])
-        pre.extend(inl.eqns)
-        sub[bb.invars[p]] = inl.outs[0]
-    if not sub:
-        return b
-    eqns = pre + [e.replace(invars=[sub.get(x, x) if ir.is_var(x) else x for x in e.invars])
-                  for e in bb.eqns]
-    outvars = [sub.get(v, v) if ir.is_var(v) else v for v in bb.outvars]
-    new_body = ir.make_jaxpr_from(bb, invars=keep_body + list(bb.invars[nc:]),
-                                  outvars=outvars, eqns=eqns)
-    return ir.replace_scan(b, jaxpr=ir.closed(new_body, body.consts),
-                           invars=keep_in + list(b.invars[nc:]), num_consts=len(keep_in),
-                           linear=keep_lin + lin[nc:])
 
 
 def _drop_eqns(jaxpr, plan: ScanPlan, k: int, stats=None) -> list:

@@ -12,6 +12,9 @@ emits its carry inputs stacked for B alone is rewritten so the stack shrinks:
 - c divides L and minimizes the model's live bytes: L/c checkpoints, one chunk of
   regenerated carries and the chunk B's outer loop copies out of each of its other xs.
 
+Also here, for both B rewrites: a constant B takes that is a broadcast of a far smaller
+value enters B as that value and is broadcast again inside (:func:`sink_broadcasts`).
+
 Must not: chunk a carry something other than B reads, or regenerate through random,
 effectful or unknown primitives (see :func:`.remat_plan.recomputable`).
 """
@@ -266,4 +269,83 @@ def apply_chunks(cj: ir.ClosedJaxpr, eqns: list, pairs: list, chunks: list,
     return ir.closed(jaxpr, list(cj.consts) + consts)
 
 
-__all__ = ["Chunking", "plan_chunks", "chunk_pair", "apply_chunks"]
+# ------------------------------------------------------------------ B's constants
+
+def _broadcast_source(jaxpr, producer: dict, a):
+    """(operand, shape, dims) when top-level ``a`` is a broadcast (alone or as an output of
+    a jit, like ``jnp.where``'s) of a value at least 8 times smaller, else None."""
+    i = producer.get(a)
+    if i is None:
+        return None
+    e = jaxpr.eqns[i]
+    src = be = None
+    if e.primitive.name == "broadcast_in_dim":
+        src, be = e.invars[0], e
+    elif e.primitive.name in ("jit", "pjit") and not ir.impure(e):
+        inner = ir.as_closed(e.params["jaxpr"]).jaxpr
+        ov = inner.outvars[e.outvars.index(a)]
+        be = next((x for x in inner.eqns if ov in x.outvars), None)
+        if be is None or be.primitive.name != "broadcast_in_dim":
+            return None
+        src = be.invars[0]
+        if ir.is_var(src):
+            if src not in inner.invars:
+                return None
+            src = e.invars[inner.invars.index(src)]
+    if be is None or be.params.get("sharding") is not None:
+        return None
+    if ir.aval_nbytes(src.aval) * 8 > ir.aval_nbytes(a.aval):
+        return None
+    return src, tuple(be.params["shape"]), tuple(be.params["broadcast_dimensions"])
+
+
+def sink_broadcasts(jaxpr, b):
+    """Scan ``b`` taking its broadcast constants' small sources instead, broadcast again at
+    the top of its body: a big constant entering the loop stays alive for the whole loop
+    (GPT's attention mask and its fill values, [B, N, T, T] each, through the backward;
+    ``jax.checkpoint`` in the body recomputes them)."""
+    nc, _, _ = ir.scan_layout(b)
+    producer = {v: i for i, e in enumerate(jaxpr.eqns) for v in e.outvars if ir.is_var(v)}
+    body = b.params["jaxpr"]
+    bb = body.jaxpr
+    lin = list(b.params.get("linear", (False,) * len(b.invars)))
+    found = [_broadcast_source(jaxpr, producer, a) if ir.is_var(a) else None
+             for a in b.invars[:nc]]
+    keep_in, keep_body, keep_lin, pre, sub = [], [], [], [], {}
+    inside = {}  # outer operand -> body var: each source enters the loop once
+    for p in range(nc):
+        if found[p] is None:
+            keep_in.append(b.invars[p])
+            keep_body.append(bb.invars[p])
+            keep_lin.append(lin[p])
+            if ir.is_var(b.invars[p]):
+                inside.setdefault(b.invars[p], bb.invars[p])
+    for p in range(nc):
+        if found[p] is None:
+            continue
+        src, shape, dims = found[p]
+        inner_src = src
+        if ir.is_var(src):
+            if src not in inside:
+                inside[src] = ir.new_var(src.aval)
+                keep_in.append(src)
+                keep_body.append(inside[src])
+                keep_lin.append(False)
+            inner_src = inside[src]
+        inl = ir.inline(lambda x, shape=shape, dims=dims: lax.broadcast_in_dim(x, shape, dims),
+                        [inner_src])
+        pre.extend(inl.eqns)
+        sub[bb.invars[p]] = inl.outs[0]
+    if not sub:
+        return b
+    eqns = pre + [e.replace(invars=[sub.get(x, x) if ir.is_var(x) else x for x in e.invars])
+                  for e in bb.eqns]
+    outvars = [sub.get(v, v) if ir.is_var(v) else v for v in bb.outvars]
+    new_body = ir.make_jaxpr_from(bb, invars=keep_body + list(bb.invars[nc:]),
+                                  outvars=outvars, eqns=eqns)
+    return ir.replace_scan(b, jaxpr=ir.closed(new_body, body.consts),
+                           invars=keep_in + list(b.invars[nc:]), num_consts=len(keep_in),
+                           linear=keep_lin + lin[nc:])
+
+
+__all__ = ["Chunking", "plan_chunks", "chunk_pair", "apply_chunks", "sink_broadcasts"]
