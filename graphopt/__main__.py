@@ -1,10 +1,11 @@
-"""Command line: ``python -m graphopt demo`` and ``python -m graphopt report FILE.py:FACTORY``.
+"""Command line: ``python -m graphopt demo``, ``python -m graphopt report FILE.py:FACTORY``, ``fuzz``.
 
 ``demo`` runs every zoo model's optax training step through the default pipeline and
 prints one table (equations, FLOPs, XLA temp memory, step-time ratio, largest relative
 error of outputs and gradients); it writes an HTML report per model to
 ``graphopt-report/``. ``report`` does the same for a user's function: FACTORY is a
-function in FILE.py returning ``(fn, args)`` or ``(fn, args, kwargs)``.
+function in FILE.py returning ``(fn, args)`` or ``(fn, args, kwargs)``. ``fuzz --n N --seed S``
+checks N random programs against graphopt's passes (:mod:`graphopt.fuzz`).
 """
 from __future__ import annotations
 
@@ -160,6 +161,33 @@ def report_cmd(spec: str, out_dir: str) -> dict:
     return row
 
 
+def _fuzz_arguments(ap) -> None:
+    ap.add_argument("--n", type=int, default=100, help="programs to check")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--start", type=int, default=0, help="first program number")
+    ap.add_argument("--kind", choices=["fn", "step"], default=None)
+    ap.add_argument("--passes", nargs="+", default=None, help="instead of the random choice")
+    ap.add_argument("--no-shrink", action="store_true")
+    ap.add_argument("--shrink-seconds", type=float, default=120.0)
+    ap.add_argument("--verbose", action="store_true", help="one line per program")
+    ap.add_argument("--coverage", action="store_true", help="rules fired, primitives traced")
+    ap.add_argument("--save", nargs="?", const=os.path.join("tests", "regressions"), default=None,
+                    metavar="DIR", help="write each shrunk failure as a test (tests/regressions)")
+
+
+def fuzz_cmd(ns) -> int:
+    """``python -m graphopt fuzz``: the last line is the summary; exit status 1 on a failure."""
+    from . import fuzz
+    summ = fuzz.run(ns.n, ns.seed, start=ns.start, kind=ns.kind, passes=ns.passes, save=ns.save,
+               shrink_failures=not ns.no_shrink, shrink_seconds=ns.shrink_seconds, verbose=ns.verbose)
+    for k, v in sorted(summ.seen.items()) if ns.coverage else ():
+        print(f"  {v:6d}  {k}")
+    other = ", ".join(f"{v} {k}" for k, v in sorted(summ.counts.items()) if k not in ("mismatch", "crash"))
+    print(f"({other}; {summ.seconds:.1f} s)")
+    print(summ.line())
+    return 1 if summ.failures else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m graphopt", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -169,7 +197,11 @@ def main(argv=None) -> int:
     r = sub.add_parser("report", help="report for FILE.py:FACTORY returning (fn, args[, kwargs])")
     r.add_argument("spec")
     r.add_argument("--out", default="graphopt-report")
+    _fuzz_arguments(sub.add_parser("fuzz", help="differential fuzzer: random programs through "
+                                   "graphopt.optimize against the originals"))
     ns = ap.parse_args(argv)
+    if ns.cmd == "fuzz":
+        return fuzz_cmd(ns)
     if ns.cmd == "demo":
         demo(ns.out, ns.models)
     else:
