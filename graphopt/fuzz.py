@@ -157,6 +157,12 @@ def check_function(fn, inputs, config: dict, *, kind="fn", x64=False, opt=None, 
         return _check(fn, args, leaves, config, seed, ad)
 
 
+def _pre_ad_segments(cj) -> bool:
+    # pre-AD remat segments are custom_vjp: no forward mode, documented and noted on error
+    return any(ir.prim_name(e) == "custom_vjp_call" and ir.name_stack(e).startswith("remat_pre_ad")
+               for e in cj.jaxpr.eqns)
+
+
 def _check(fn, args, leaves, config, seed, ad) -> Outcome:
     options = dict(config.get("options", {}))
     try:
@@ -197,8 +203,9 @@ def _compare_all(optimized_fn, fn, args, leaves, original, optimized, config, se
     normal = [jnp.asarray(rng.standard_normal(a.shape), a.dtype) for a in  # (co)tangents
               [original.out_avals[j] for j in fout] + [original.in_avals[i] for i in fpos]]
     extra = {"vjp": normal[:len(fout)], "jvp": normal[len(fout):]}
-    modes = [m for m in (ad if fpos and fout else ()) if not (m == "jvp" and any(  # not applicable
-        ir.prim_name(e).startswith("custom_vjp") for e, _, _ in ir.walk_eqns(original)))]
+    modes = [m for m in (ad if fpos and fout else ()) if not (m == "jvp" and (any(  # not applicable
+        ir.prim_name(e).startswith("custom_vjp") for e, _, _ in ir.walk_eqns(original))
+        or _pre_ad_segments(optimized)))]
     def first_mismatch(options, truth=None):
         res = _run_both(original, optimized, modes, fpos, fout, (leaves, extra), options)
         return next(filter(None, (_compare(w, res[0][w], res[1][w], truth and truth[w])

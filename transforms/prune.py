@@ -175,7 +175,9 @@ NUMPY_EVAL = {
     "and": lambda x, y, **_: x & y, "or": lambda x, y, **_: x | y, "not": lambda x, **_: ~x,
     "broadcast_in_dim": lambda x, shape, broadcast_dimensions, **_: _np_broadcast(
         x, shape, broadcast_dimensions),
-    "reshape": lambda x, new_sizes, dimensions=None, **_: np.reshape(x, new_sizes),
+    # lax.reshape's ``dimensions`` transposes first (a conv transpose emits one)
+    "reshape": lambda x, new_sizes, dimensions=None, **_: np.reshape(
+        x if dimensions is None else np.transpose(x, dimensions), new_sizes),
     "transpose": lambda x, permutation, **_: np.transpose(x, permutation),
     "select_n": lambda p, *cases, **_: np.choose(np.asarray(p, np.int32), cases),
 }

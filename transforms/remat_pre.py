@@ -219,10 +219,13 @@ def grad_program(cj: ir.ClosedJaxpr):
     return g
 
 
+def _specs(cj: ir.ClosedJaxpr) -> list:
+    return [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
+            for a in cj.in_avals]
+
+
 def grad_temp(cj: ir.ClosedJaxpr) -> int:
-    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
-             for a in cj.in_avals]
-    return analysis.xla_memory(grad_program(cj), *specs)["temp_bytes"]
+    return analysis.xla_memory(grad_program(cj), *_specs(cj))["temp_bytes"]
 
 
 def remat_jaxpr_pre_ad(cj, memory_budget, solver="auto", max_cuts=128, time_limit=10.0,
@@ -289,6 +292,17 @@ def pre_ad_pass(cj: ir.ClosedJaxpr, ctx, stats: Stats) -> PassResult:
     """The remat pass on a program holding no backward pass (a model or loss that
     ``jax.grad`` will differentiate): steer what AD saves. ``stats.details`` gets the
     info dict (``graphopt.remat(...).info``)."""
+    stats.details["placement"] = "pre-AD"
+    if not any(map(_is_float, cj.in_avals)) or not any(map(_is_float, cj.out_avals)):
+        stats.note("remat: pre-AD: no float input or output, nothing for jax.grad to "
+                   "differentiate; left as is")
+        return PassResult(cj, False, stats)
+    try:
+        jax.make_jaxpr(grad_program(cj))(*_specs(cj))
+    except (TypeError, ValueError) as exc:  # JAX cannot differentiate it (while_loop, ...)
+        stats.note(f"remat: pre-AD: jax.grad cannot differentiate this program "
+                   f"({type(exc).__name__}: {str(exc).splitlines()[0]}); left as is")
+        return PassResult(cj, False, stats)
     prog, info = remat_jaxpr_pre_ad(cj, ctx.option("memory_budget"),
                                     solver=ctx.option("remat_solver", "auto"),
                                     max_cuts=ctx.option("remat_max_cuts", 128),

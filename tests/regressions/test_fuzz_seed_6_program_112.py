@@ -8,6 +8,7 @@ agree bitwise, so the min's gradient mask ``x == min(x)`` selects the wrong elem
 outputs[0]: float32: max |a-b| 0.0554 > 1e-06 + 1e-05 * 2.32
 """
 import jax  # noqa: F401 (what generated programs may use)
+import pytest
 import jax.numpy as jnp  # noqa: F401
 import numpy as np  # noqa: F401
 import optax  # noqa: F401
@@ -39,6 +40,9 @@ INPUTS = [  # name, shape, dtype, role, integers drawn below
 CONFIG = {'options': {'memory_budget': 0.86, 'remat_measure': 'estimate'}, 'jit': False, 'passes': ['fuse_parallel_dots'], 'optimizer': 'optax.sgd(0.05, momentum=0.9)', 'ad': ()}
 
 
+@pytest.mark.xfail(strict=True, reason="open: the post-AD keep-choosing remat path still "
+                   "recomputes a batch-normalized value whose min over the batch it compares "
+                   "against (issue: no silent wrong result); this test flips when fixed")
 def test_fuzz_seed_6_program_112():
     out = check_function(step, INPUTS, CONFIG, kind='step', x64=False, opt=OPT, ad=())
     assert not out.failed, out.detail
