@@ -129,7 +129,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            "smallest logits worth chunking (0: always)"),
     Option("chain_ratio", "fuse_matmul_chain", _fraction,
            "reorder a matmul chain only below this FLOP ratio"),
-    Option("parallel_dots", "fuse_parallel_dots", _one_of("auto", True, False, "never"),
+    Option("parallel_dots", "fuse_parallel_dots", _one_of("auto", "always", "never", False),
            "merge parallel dots on a shared input"),
     Option("fuse_attention_auto", "fuse_attention_auto", _one_of(True, False),
            "say in the report why attention stays unfused"),
