@@ -21,7 +21,7 @@ import jax
 
 from . import ir
 from .errors import EquivalenceError, GraphoptError, OptionError
-from .options import validate
+from .options import check_rtol, implied_passes, validate
 from .passes import Pass, Pipeline, PassContext, placement_of, registered_passes, resolve
 from .report import Report
 
@@ -78,9 +78,8 @@ class Optimized:
             raise OptionError(f"graphopt.optimize({self.__name__}): {', '.join(remat_only)} "
                               "given without memory_budget, so no rematerialization would run")
         self.pass_specs = _pass_list(passes) if passes is not None else default_passes()
-        if self.options.get("memory_budget") is not None and "remat" not in self.pass_specs:
-            # A memory budget asks for rematerialization after the other passes.
-            self.pass_specs.append("remat")
+        # e.g. a memory budget asks for rematerialization after the other passes
+        self.pass_specs += implied_passes(self.options, self.pass_specs)
         self.pipeline = Pipeline(self.pass_specs, check=True, max_rounds=max_rounds)
         self.check = check
         self.jit = jit
@@ -250,7 +249,8 @@ class Optimized:
             entry.report.check_inputs = "random inputs (called under a transform)"
         else:
             entry.report.check_inputs = "the first call's inputs"
-        errs = testing.compare_jaxprs(entry.original, entry.optimized, concrete)
+        errs = testing.compare_jaxprs(entry.original, entry.optimized, concrete,
+                                      rtol=check_rtol(self.options))
         entry.report.check_errors = errs
         entry.checked = True
         bad = [f"{k}: max rel err {v['max_rel_err']:.3g}" for k, v in errs.items() if not v["ok"]]

@@ -100,12 +100,15 @@ class Option:
     pass_name: str          # the pass (or group) that reads it
     check: Callable         # value -> normalized value; raises on a bad one
     doc: str
+    adds_pass: str | None = None    # giving the option appends this pass to the pipeline
+    check_rtol: Callable | None = None  # value -> rtol for optimize(check=True), or None
 
 
 _AUTO_BOOL = _one_of("auto", True, False)
 OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("memory_budget", "remat", _check_budget,
-           "XLA temp bytes for the program: int, '2GiB' or a fraction in (0, 1]; adds remat"),
+           "XLA temp bytes for the program: int, '2GiB' or a fraction in (0, 1]; adds remat",
+           adds_pass="remat"),
     Option("remat_micro_batches", "remat", _micro_batches,
            "'auto', True, False or K: run a post-AD step as micro-batches"),
     Option("remat_measure", "remat", _one_of("xla", "estimate"),
@@ -137,13 +140,33 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
 
 
 def register_option(name: str, pass_name: str, check: Callable = lambda v: v,
-                    doc: str = "") -> Option:
+                    doc: str = "", adds_pass: str | None = None,
+                    check_rtol: Callable | None = None) -> Option:
     """Declare an option your own pass reads with ``ctx.option(name)``; ``check`` takes
-    the value and returns it normalized, raising ValueError on a bad one."""
+    the value and returns it normalized, raising ValueError on a bad one. ``adds_pass``:
+    a pass the option switches on; ``check_rtol``: value -> the tolerance
+    ``optimize(check=True)`` compares with (for passes that change numerics on purpose)."""
     if name in OPTIONS and OPTIONS[name].pass_name != pass_name:
         raise OptionError(f"option {name!r} is already read by pass {OPTIONS[name].pass_name!r}")
-    OPTIONS[name] = Option(name, pass_name, check, doc)
+    OPTIONS[name] = Option(name, pass_name, check, doc, adds_pass, check_rtol)
     return OPTIONS[name]
+
+
+def implied_passes(options: dict, present) -> list[str]:
+    """Passes the given options switch on that ``present`` lacks; "remat" last, since a
+    memory budget is measured on the program the other passes leave."""
+    added = [OPTIONS[k].adds_pass for k, v in options.items()
+             if v is not None and OPTIONS[k].adds_pass and OPTIONS[k].adds_pass not in present]
+    added = list(dict.fromkeys(added))
+    return sorted(added, key=lambda p: p == "remat")
+
+
+def check_rtol(options: dict) -> float | None:
+    """The loosest tolerance the given options ask ``check=True`` for (None: the default)."""
+    tols = [OPTIONS[k].check_rtol(v) for k, v in options.items()
+            if v is not None and OPTIONS[k].check_rtol is not None]
+    tols = [t for t in tols if t is not None]
+    return max(tols) if tols else None
 
 
 def _suggest(name: str) -> str:
@@ -172,4 +195,5 @@ def validate(options: dict, where: str) -> dict:
     return out
 
 
-__all__ = ["OPTIONS", "Option", "register_option", "validate", "parse_budget", "parse_bytes"]
+__all__ = ["OPTIONS", "Option", "register_option", "validate", "parse_budget", "parse_bytes",
+           "implied_passes", "check_rtol"]
