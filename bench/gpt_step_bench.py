@@ -1,4 +1,5 @@
-"""The GPT training step of DESIGN.md, by hand and through graphopt, in one run.
+"""The reference GPT training step (12 layers, d=1024, 16 heads, T=1024, vocabulary 8192,
+batch 8), by hand and through graphopt, in one run.
 
 Variants (step time median and XLA temp memory each, against the first):
 
@@ -19,7 +20,7 @@ Rows run in the order above (``--only`` picks a subset); ``--deadline`` skips th
 that would start after it, so a run on a lent GPU returns its first rows even when
 compiles are slow.
 
-    python bench/gpt_step_bench.py            # DESIGN.md sizes (a GPU; record in bench/RESULTS.md)
+    python bench/gpt_step_bench.py            # the reference sizes (a GPU; record in bench/RESULTS.md)
     python bench/gpt_step_bench.py --tiny     # a CPU smoke run of the same code
     python bench/gpt_step_bench.py --only bf16 bf16+graphopt
 """
@@ -38,7 +39,7 @@ from graphopt.__main__ import median_time
 from graphopt.models import gpt
 from graphopt.models._common import make_train_step
 
-DESIGN_SIZES = dict(n_layers=12, d_model=1024, n_heads=16, seq_len=1024, vocab=8192, batch=8)
+REFERENCE_SIZES = dict(n_layers=12, d_model=1024, n_heads=16, seq_len=1024, vocab=8192, batch=8)
 TINY_SIZES = dict(n_layers=2, d_model=64, n_heads=4, seq_len=128, vocab=256, batch=2)
 # The fence variants the 12-layer GPT step keeps on CPU: one floor compile instead of 8.
 FIXED_REMAT = dict(remat_order_backward=False, remat_narrow_fence=True, remat_skip_kept=True)
@@ -126,7 +127,7 @@ def main(argv=None):
                     help="solver of the pre-AD row (auto: milp where the graph is small)")
     ns = ap.parse_args(argv)
     start = time.perf_counter()
-    sizes = TINY_SIZES if ns.tiny else DESIGN_SIZES
+    sizes = TINY_SIZES if ns.tiny else REFERENCE_SIZES
     params = gpt.init(jax.random.PRNGKey(0), **sizes)
     batch = gpt.example_batch(jax.random.PRNGKey(1), **sizes)
     opt = gpt.optimizer()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared session on a lent GPU machine (JAX preinstalled, no registry):
 #   install graphopt without dependencies, print the card, run the GPT step table of
-#   DESIGN.md (bench/gpt_step_bench.py) and, in the background at low priority, the test
+#   the reference GPT step (bench/gpt_step_bench.py) and, in the background at low priority, the test
 #   suite on that machine's CPU under its JAX version. Logs go to $OUT (or ./gpu_out).
 # Usage: DEADLINE=400 TEST_S=420 bash bench/gpu_session.sh [gpt_step_bench.py options]
 set -u

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -128,10 +129,24 @@ def check_interface(name: str, before: ir.ClosedJaxpr, after: ir.ClosedJaxpr) ->
                         f"{[ir.aval_str(a) for a in bo]} -> {[ir.aval_str(a) for a in ao]}")
 
 
-class Pipeline:
-    """Ordered passes; rounds repeat until nothing changes when ``fixpoint``."""
+def full_checks() -> bool:
+    """Whether every pass's output gets the full ``check_jaxpr`` (types of every equation),
+    as JAX checks its own jaxprs under ``jax_enable_checks``: on in graphopt's tests, with
+    ``GRAPHOPT_CHECK_JAXPR=1`` or ``jax.config.update("jax_enable_checks", True)``. It is
+    most of the pipeline's time on a large step, so it is off by default; the interface
+    check (same input and output avals) always runs."""
+    import jax  # a config read only; no JAX internals here
+    return os.environ.get("GRAPHOPT_CHECK_JAXPR", "0") not in ("", "0") \
+        or bool(jax.config.jax_enable_checks)
 
-    def __init__(self, passes: Sequence, *, check: bool = True, fixpoint: bool = True,
+
+class Pipeline:
+    """Ordered passes; rounds repeat until nothing changes when ``fixpoint``.
+
+    ``check``: True checks each changed jaxpr's interface, and its types too when
+    :func:`full_checks` is on; "full" always checks types; False checks nothing."""
+
+    def __init__(self, passes: Sequence, *, check: bool | str = True, fixpoint: bool = True,
                  max_rounds: int = 4):
         self.passes = resolve(list(passes))
         self.check = check
@@ -160,6 +175,7 @@ class Pipeline:
         # The jaxpr each pass last left unchanged: passes are deterministic, so running
         # one again on that very jaxpr in a later round cannot change anything.
         settled: dict[int, ir.ClosedJaxpr] = {}
+        full = self.check == "full" or (self.check and full_checks())
         for rnd in range(self.max_rounds):
             any_changed = False
             for k, p in enumerate(self.passes):
@@ -174,10 +190,12 @@ class Pipeline:
                     raise PassError(f"pass {p.name!r} failed: {type(exc).__name__}: {exc}") from exc
                 dt = time.perf_counter() - t0
                 if self.check and res.changed:
-                    try:
-                        ir.check(res.jaxpr)
-                    except Exception as exc:
-                        raise PassError(f"pass {p.name!r} produced an ill-typed jaxpr: {exc}") from exc
+                    if full:
+                        try:
+                            ir.check(res.jaxpr)
+                        except Exception as exc:
+                            raise PassError(f"pass {p.name!r} produced an ill-typed jaxpr: "
+                                            f"{exc}") from exc
                     check_interface(p.name, cj, res.jaxpr)
                 records.append(PassRecord(p.name, rnd, cj, res.jaxpr, res.changed, res.stats, dt))
                 any_changed |= res.changed
@@ -191,4 +209,4 @@ class Pipeline:
 
 __all__ = ["Pass", "PassResult", "PassContext", "PassRecord", "Pipeline", "PassError",
            "GraphoptError", "register_pass", "register_group", "registered_passes",
-           "resolve", "placement_of", "check_interface"]
+           "resolve", "placement_of", "check_interface", "full_checks"]
