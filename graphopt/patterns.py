@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -457,11 +458,25 @@ def _sweep_dead(eqns: list, outvars) -> list:
     return kept
 
 
+# The fusion passes run one after another on the same jaxpr: inline its jit calls once.
+# Weak keys: a jaxpr no pass holds any more leaves the cache with its constants.
+_INLINED: dict = {True: weakref.WeakKeyDictionary(), False: weakref.WeakKeyDictionary()}
+
+
+def _inlined(cj: ir.ClosedJaxpr, allow_consts: bool) -> ir.ClosedJaxpr:
+    cache = _INLINED[bool(allow_consts)]
+    if cj in cache:
+        return cache[cj] or cj
+    flat, changed = inline_jits(cj, allow_consts)
+    cache[cj] = flat if changed else None  # a value holding its own key would never leave
+    return flat
+
+
 def apply_rules(cj: ir.ClosedJaxpr, rules: Sequence[Rule], stats: Stats | None = None, ctx=None,
                 *, allow_consts: bool = True, recurse: bool = True) -> ir.ClosedJaxpr:
     """Apply ``rules`` at every level of ``cj``; returns ``cj`` itself if nothing fired."""
     stats = stats if stats is not None else Stats()
-    flat, _ = inline_jits(cj, allow_consts)
+    flat = _inlined(cj, allow_consts)
     eqns = list(flat.jaxpr.eqns)
     sub_changed = False
     if recurse:
