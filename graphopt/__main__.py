@@ -1,8 +1,10 @@
 """Command line: ``python -m graphopt demo``, ``python -m graphopt report FILE.py:FACTORY``, ``fuzz``.
 
-``demo`` runs every zoo model's optax training step through the default pipeline and
-prints one table (equations, FLOPs, XLA temp memory, step-time ratio, largest relative
-error of outputs and gradients); it writes an HTML report per model to
+``demo`` runs every zoo model's optax training step as ``jax.jit(step)``,
+``graphopt.optimize(step)`` and ``graphopt.optimize(step, memory_budget=0.5)`` and prints
+one table (equations, FLOPs, XLA temp memory, step-time ratio, largest relative error of
+outputs and gradients) and, per model, what each changed in words ("same speed within
+noise" rather than a noisy ratio); it writes an HTML report per model to
 ``graphopt-report/``. ``report`` does the same for a user's function: FACTORY is a
 function in FILE.py returning ``(fn, args)`` or ``(fn, args, kwargs)``. ``fuzz --n N --seed S``
 checks N random programs against graphopt's passes (:mod:`graphopt.fuzz`).
@@ -21,6 +23,7 @@ import jax
 
 from . import analysis, progress, testing
 from .api import optimize
+from .errors import GraphoptError
 
 # Sizes that keep the whole demo under two minutes on two CPU cores.
 DEMO_SIZES = {
@@ -49,25 +52,81 @@ def _temp(fn, *args) -> int | None:
         return None
 
 
-def study(name: str, fn, args, loss_fn=None, loss_args=None, repeats: int = 20) -> dict:
-    """Baseline vs graphopt for one function: one row of the demo table."""
+# What `make demo` compares: the plain jit, one decorator, one decorator with a budget.
+BUDGET = 0.5
+NOISE = 0.05  # a ratio whose middle half of rounds stays within 5% of 1 is "no change"
+
+
+def timed_rounds(fns, args, rounds: int) -> list[list[float]]:
+    """Per function its wall times over ``rounds`` rounds, the functions interleaved within
+    each round so that load on the machine hits them alike (after one warm-up call each)."""
+    for f in fns:
+        jax.block_until_ready(f(*args))
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for f, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            ts.append(time.perf_counter() - t0)
+    return times
+
+
+def speed(base_times, times) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile) of the per-round ratios base/variant."""
+    q = statistics.quantiles([b / t for b, t in zip(base_times, times)], n=4)
+    return q[1], q[0], q[2]
+
+
+def verdict(base_temp, temp, ratio) -> str:
+    """In words: what the variant changed, or that it changed nothing measurable."""
+    said = []
+    if base_temp and temp is not None:
+        r = temp / base_temp
+        said.append("same temp memory" if abs(r - 1) <= NOISE else
+                    f"temp {analysis.fmt_bytes(base_temp)} -> {analysis.fmt_bytes(temp)} ({r:.2f}x)")
+    med, lo, hi = ratio
+    said.append(f"{med:.2f}x faster" if lo > 1 + NOISE else f"{1 / med:.2f}x slower"
+                if hi < 1 - NOISE else f"same speed within noise ({lo:.2f}-{hi:.2f}x)")
+    return ", ".join(said)
+
+
+def _max_err(a, b) -> float:
+    return max((testing.max_rel_error(x, y) for x, y in zip(
+        jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))), default=0.0)
+
+
+def study(name: str, fn, args, loss_fn=None, loss_args=None, repeats: int = 20,
+          budget: float | None = None) -> dict:
+    """Baseline vs graphopt for one function: one row of the demo table; with ``budget``
+    also ``optimize(fn, memory_budget=budget)``."""
     opt = optimize(fn)
     base = jax.jit(fn)
     report = opt.report(*args)
     cmp = testing.compare_fns(base, opt, args, grads=False)
     grad_err = 0.0
     if loss_fn is not None:
-        g_base = jax.grad(loss_fn)(*loss_args)
-        g_opt = jax.grad(optimize(loss_fn))(*loss_args)
-        grad_err = max((testing.max_rel_error(a, b) for a, b in zip(
-            jax.tree_util.tree_leaves(g_base), jax.tree_util.tree_leaves(g_opt))), default=0.0)
-    t_base = median_time(base, *args, repeats=repeats)
-    t_opt = median_time(opt, *args, repeats=repeats)
+        grad_err = _max_err(jax.grad(loss_fn)(*loss_args), jax.grad(optimize(loss_fn))(*loss_args))
+    fns, row_budget = [base, opt], None
+    if budget is not None:
+        remat = optimize(fn, memory_budget=budget)
+        try:
+            row_budget = dict(err=_max_err(base(*args), remat(*args)), temp=_temp(remat, *args))
+            fns.append(remat)
+        except GraphoptError as exc:  # an infeasible budget is a result too: say it
+            row_budget = dict(error=str(exc).split("\n")[0])
+    times = timed_rounds(fns, args, repeats)
     cb, ca = report.cost_before(), report.cost_after()
-    return dict(model=name, eqns=(report.eqns_before, report.eqns_after), flops=(cb.flops, ca.flops),
-                temp=(_temp(base, *args), _temp(opt, *args)), speedup=t_base / t_opt,
-                out_err=cmp["outputs"]["max_rel_err"], grad_err=grad_err, report=report,
-                placement=report.placement)
+    temps = (_temp(base, *args), _temp(opt, *args))
+    ratio = speed(times[0], times[1])
+    row = dict(model=name, eqns=(report.eqns_before, report.eqns_after), flops=(cb.flops, ca.flops),
+               temp=temps, speedup=ratio[0], speed_quartiles=ratio[1:],
+               out_err=cmp["outputs"]["max_rel_err"], grad_err=grad_err, report=report,
+               placement=report.placement, verdict=verdict(temps[0], temps[1], ratio))
+    if row_budget is not None and "error" not in row_budget:
+        r = speed(times[0], times[2])
+        row_budget.update(speedup=r[0], verdict=verdict(temps[0], row_budget["temp"], r))
+    row["budget"] = row_budget
+    return row
 
 
 def _fmt_temp(t):
@@ -84,8 +143,18 @@ def format_table(rows: list[dict]) -> str:
             f"{analysis.fmt_flops(r['flops'][0]):>12} -> {analysis.fmt_flops(r['flops'][1]):<10}"
             f"{_fmt_temp(r['temp'][0]):>12} -> {_fmt_temp(r['temp'][1]):<10}"
             f"{r['speedup']:>10.2f}x{r['out_err']:>10.1e}{r['grad_err']:>10.1e}")
-    lines.append("step time: baseline jax.jit time / graphopt time, same run (>1 is faster); "
-                 "errors: largest relative error vs. the unoptimized step")
+    lines.append("step time: jax.jit time / graphopt time, median of interleaved rounds (>1 is "
+                 "faster); errors: largest relative error vs. the unoptimized step")
+    lines.append("")
+    lines.append("in words, against jax.jit(step):")
+    for r in rows:
+        lines.append(f"  {r['model']}: graphopt.optimize(step): {r['verdict']}")
+        b = r.get("budget")
+        if b is not None:
+            said = b.get("verdict") or f"refused: {b['error']}"
+            err = f"; max rel. error {b['err']:.1e}" if "err" in b else ""
+            lines.append(f"  {r['model']}: graphopt.optimize(step, memory_budget={BUDGET}): "
+                         f"{said}{err}")
     return "\n".join(lines)
 
 
@@ -110,12 +179,14 @@ def demo(out_dir: str = "graphopt-report", models: list[str] | None = None) -> l
         batch = mod.example_batch(jax.random.PRNGKey(1), **sizes)
         opt_state = mod.init_opt_state(params)
         print(f"[demo] {name}: tracing, optimizing, compiling, timing ...", flush=True)
-        row = study(name, mod.train_step, (params, opt_state, batch), mod.loss, (params, batch))
+        row = study(name, mod.train_step, (params, opt_state, batch), mod.loss, (params, batch),
+                    budget=BUDGET)
         row["report"].write_html(out_dir, f"{name}.html")
         rows.append(row)
     table = format_table(rows)
     print()
-    print("graphopt demo: each zoo model's optax training step through the default pipeline "
+    print("graphopt demo: each zoo model's optax training step: jax.jit(step) against "
+          f"graphopt.optimize(step) and optimize(step, memory_budget={BUDGET}), one run "
           f"({jax.default_backend()}, JAX {jax.__version__})")
     print(table)
     print(f"\nHTML reports: {write_index(out_dir, rows, table)}")

@@ -23,6 +23,18 @@ def test_demo_one_model_writes_table_and_html(tmp_path, capsys):
     assert row["temp"][0] is not None and row["temp"][0] > 0
     assert (tmp_path / "index.html").exists() and (tmp_path / "mlp.html").exists()
     assert "<table>" in (tmp_path / "mlp.html").read_text()
+    # the budget column really remats, and every variant is said in words
+    b = row["budget"]
+    assert b["temp"] <= cli.BUDGET * row["temp"][0] * 1.05 and b["err"] <= 1e-4
+    assert f"mlp: graphopt.optimize(step, memory_budget={cli.BUDGET}): temp" in out
+    assert "mlp: graphopt.optimize(step): same temp memory" in out
+
+
+def test_demo_says_noise_in_words():
+    # ratios whose middle half straddles 1 are no change; a clear shift is named
+    assert "within noise" in cli.verdict(100, 100, (1.02, 0.97, 1.08))
+    assert cli.verdict(100, 50, (2.0, 1.8, 2.2)) == "temp 100 B -> 50 B (0.50x), 2.00x faster"
+    assert "2.00x slower" in cli.verdict(None, None, (0.5, 0.45, 0.55))
 
 
 FACTORY = '''
