@@ -12,6 +12,7 @@ from .api import Optimized, Rematted, default_passes, optimize, optimize_jaxpr, 
 from .report import Report
 from . import analysis, testing
 from .bisect import BisectResult, bisect, first_differing_pass
+from .loss_scaling import loss_scaling  # the function shadows its module's name on purpose
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,8 @@ _LAZY = {
     "memory_timeline": ("graphopt.memory", "memory_timeline"),
     "pareto": ("graphopt.memory", "pareto"),
     "rewrite": ("graphopt.patterns", "rewrite"),
+    "Precision": ("graphopt.transforms.precision_rules", "Precision"),
+    "prune_channels": ("graphopt.transforms.structural", "prune_channels"),
 }
 
 
@@ -33,7 +36,9 @@ def __getattr__(name):
     raise AttributeError(f"module 'graphopt' has no attribute {name!r}")
 
 
-__all__ = ["optimize", "remat", "draw", "diff", "memory_timeline", "pareto", "rewrite", "Optimized", "optimize_jaxpr", "default_passes", "Pass", "PassResult",
+__all__ = ["optimize", "remat", "Precision", "loss_scaling", "prune_channels", "draw", "diff",
+           "memory_timeline", "pareto", "rewrite", "Optimized", "optimize_jaxpr",
+           "default_passes", "Pass", "PassResult",
            "PassContext", "Pipeline", "RuleTable", "Rewriter", "Stats", "register_pass",
            "registered_passes", "Report", "GraphoptError", "PassError", "RewriteError",
            "MissingExtraError", "BudgetError", "OptionError", "CannotRewrite", "Rematted",

@@ -3,7 +3,8 @@
 ``optimize`` feels like ``jax.jit``: it works with and without arguments, honours
 static arguments, caches the rewritten program per abstract input signature, jits by
 default, and returns a function that composes with ``jax.grad``, ``jax.vmap`` and
-``jax.jit`` inside or outside. This is the only core module that imports
+``jax.jit`` inside or outside. flax NNX and equinox arguments are converted around the call
+(``graphopt.frameworks``). This is the only core module that imports
 ``graphopt.transforms`` (to register the pass families).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 import jax
 
-from . import ir
+from . import frameworks, ir
 from .errors import EquivalenceError, GraphoptError, OptionError
 from .options import check_rtol, implied_passes, validate
 from .passes import Pass, Pipeline, PassContext, placement_of, registered_passes, resolve
@@ -172,6 +173,9 @@ class Optimized:
     # ------------------------------------------------------------------ building
     def _build(self, args, kwargs) -> tuple[_Entry, list]:
         dynamic, static, rebuild = self._split(args, kwargs)
+        prep = frameworks.prepare(dynamic, self.__name__)
+        if prep is not None:  # nnx objects / equinox modules as slots: state and static parts
+            dynamic = prep.dynamic
         leaves, treedef, positions = self._flatten(dynamic)
         key = self._key(leaves, treedef, static)
         entry = self._cache.get(key)
@@ -180,7 +184,7 @@ class Optimized:
 
         def flat_fun(*flat):
             a, kw = rebuild(jax.tree_util.tree_unflatten(treedef, list(flat)))
-            return self.fun(*a, **kw)
+            return frameworks.call(self.fun, a, kw, self.__name__)
 
         specs = [jax.ShapeDtypeStruct(s, d, weak_type=w) for s, d, w in key[1]]
         t0 = time.perf_counter()
@@ -221,6 +225,18 @@ class Optimized:
         return jax.tree_util.tree_unflatten(entry.out_tree, out)
 
     def __call__(self, *args, **kwargs):
+        prep = None
+        if frameworks.active():  # flax NNX / equinox loaded: their objects become slots
+            dynamic, _, rebuild = self._split(args, kwargs)
+            prep = frameworks.prepare(dynamic, self.__name__)
+            if prep is not None:
+                args, kwargs = rebuild(prep.dynamic)
+        out = self._call_prepared(args, kwargs)
+        if prep is not None:
+            return prep.finish(out)  # nnx state written back to the caller's objects
+        return frameworks.unwrap_outputs(out)
+
+    def _call_prepared(self, args, kwargs):
         if self.check:
             entry, leaves = self._build(args, kwargs)
             if not entry.checked:
@@ -249,8 +265,8 @@ class Optimized:
             entry.report.check_inputs = "random inputs (called under a transform)"
         else:
             entry.report.check_inputs = "the first call's inputs"
-        errs = testing.compare_jaxprs(entry.original, entry.optimized, concrete,
-                                      rtol=check_rtol(self.options))
+        errs = testing.compare_fns(_keys_as_data(entry.original), _keys_as_data(entry.optimized),
+                                   concrete, rtol=check_rtol(self.options))
         entry.report.check_errors = errs
         entry.checked = True
         bad = [f"{k}: max rel err {v['max_rel_err']:.3g}" for k, v in errs.items() if not v["ok"]]
@@ -282,6 +298,15 @@ class Optimized:
 
     def __repr__(self):
         return f"<graphopt.optimize({self.__name__}) passes={self.pipeline.names}>"
+
+
+def _keys_as_data(cj: ir.ClosedJaxpr) -> Callable:
+    """The program as a function whose PRNG-key outputs (nnx RNG state) are their raw
+    data, which the comparison can read as numbers."""
+    def run(*args):
+        return [jax.random.key_data(o) if jax.dtypes.issubdtype(o.dtype, jax.dtypes.prng_key)
+                else o for o in ir.eval_jaxpr(cj, *args)]
+    return run
 
 
 def _passes_adding(records, primitive: str) -> list[str]:
@@ -316,6 +341,10 @@ def optimize(fun: Callable | None = None, *, passes=None, check: bool = False,
         (hashed into the cache key, like ``jax.jit``).
       jit: wrap the optimized program in ``jax.jit`` (default True).
       **options: pass options, e.g. ``fold_max_bytes=...``.
+
+    flax NNX objects and equinox modules are taken as ``nnx.jit`` and ``eqx.filter_jit``
+    take them: NNX state mutated inside comes back to the caller's objects, an equinox
+    module's non-array leaves are static (``graphopt.frameworks``).
     """
     if passes is not None:
         passes = _pass_list(passes)

@@ -168,33 +168,25 @@ def _table_default(table, decide):
     return None if fn is None else fn()
 
 
-def _fold(p: str, t: Traits) -> str | None:
-    prune = _prune()
-    if not t.known:
-        return PASS  # unknown primitives pass through the rewriting interpreter
-    if p in prune.FOLD:
-        return REWRITE
-    # prune._fold_default: never impure, higher-order or axis-dependent equations
-    return _table_default(prune.FOLD, lambda: PASS if (
-        t.impure or t.subjaxprs or p in prune._AXIS_DEPENDENT) else REWRITE)
+def _prune_table(table: str, default):
+    """Decisions of the rewriting interpreter's rule table ``prune.<table>``: unknown
+    primitives pass through, a primitive with a rule is rewritten, any other follows the
+    table's default (``default(p, t)`` describes it; see :func:`_table_default`)."""
+    def decide(p: str, t: Traits) -> str | None:
+        rules = getattr(_prune(), table)
+        if not t.known:
+            return PASS
+        if p in rules:
+            return REWRITE
+        return _table_default(rules, lambda: default(p, t))
+    return decide
 
 
-def _cse(p: str, t: Traits) -> str | None:
-    prune = _prune()
-    if not t.known:
-        return PASS
-    if p in prune.CSE:
-        return REWRITE
-    return _table_default(prune.CSE, lambda: PASS if t.impure else REWRITE)  # _cse_default
-
-
-def _simplify(p: str, t: Traits) -> str | None:
-    prune = _prune()
-    if not t.known:
-        return PASS
-    if p in prune.SIMPLIFY:
-        return REWRITE
-    return _table_default(prune.SIMPLIFY, lambda: PASS)
+# prune._fold_default: never impure, higher-order or axis-dependent equations
+_fold = _prune_table("FOLD", lambda p, t: PASS if (
+    t.impure or t.subjaxprs or p in _prune()._AXIS_DEPENDENT) else REWRITE)
+_cse = _prune_table("CSE", lambda p, t: PASS if t.impure else REWRITE)  # prune._cse_default
+_simplify = _prune_table("SIMPLIFY", lambda p, t: PASS)
 
 
 def fusion_roots() -> frozenset | None:

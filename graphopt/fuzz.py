@@ -3,12 +3,12 @@
 integers and booleans exactly, floats under :data:`TOLERANCE`, NaNs in the same places. A
 budget the remat pass refuses is no failure (checked again at the floor it names); any
 other exception from graphopt is a crash. Failures are shrunk (:func:`shrink`) and written
-as regression tests (:func:`to_test`). docs/reliability.md says what is covered and how.
+as regression tests (:func:`to_test`) calling :func:`regression` (all three in
+:mod:`graphopt.fuzz_shrink`). docs/reliability.md says what is covered and how.
 """
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 import os
 import re
@@ -70,6 +70,7 @@ class Outcome:
     detail: str = ""
     refused: bool = False       # the drawn budget was refused; checked at the floor it named
     seen: dict = dataclasses.field(default_factory=dict)  # rules that fired, primitives traced
+    compared: tuple = ()        # what was compared: "outputs", "vjp", "jvp"
 
     failed = property(lambda self: self.status in ("mismatch", "crash"))
     signature = property(lambda self: (self.status, self.where))  # what shrinking keeps
@@ -190,16 +191,28 @@ def _compare_all(optimized_fn, fn, args, leaves, original, optimized, config, se
         return Outcome("ok", "unchanged")
     fpos = [i for i, a in enumerate(original.in_avals) if jnp.issubdtype(a.dtype, jnp.inexact)]
     fout = [j for j, a in enumerate(original.out_avals) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    pre_ad = any(ir.prim_name(e).startswith("custom_vjp") and "remat_pre_ad" in ir.name_stack(e)
+                 for e, _, _ in ir.walk_eqns(optimized))  # segments are custom_vjp (documented)
+    no_jvp = pre_ad or any(ir.prim_name(e).startswith("custom_vjp")
+                           for e, _, _ in ir.walk_eqns(original))
+    modes = [m for m in (ad if fpos and fout else ()) if m != "jvp" or not no_jvp]
+    if pre_ad and fpos and fout and "vjp" not in modes:  # the segments' backward is what the
+        modes.append("vjp")  # rewrite changed: never leave it unchecked when jvp is skipped
+    return dataclasses.replace(_compare_modes(optimized_fn, fn, args, leaves, original, optimized,
+                                              config, seed, modes, fpos, fout),
+                               compared=("outputs", *modes))
+
+
+def _compare_modes(optimized_fn, fn, args, leaves, original, optimized, config, seed, modes,
+                   fpos, fout) -> Outcome:
     rng = np.random.default_rng(seed + 1)
     normal = [jnp.asarray(rng.standard_normal(a.shape), a.dtype) for a in  # (co)tangents
               [original.out_avals[j] for j in fout] + [original.in_avals[i] for i in fpos]]
     extra = {"vjp": normal[:len(fout)], "jvp": normal[len(fout):]}
-    no_jvp = any(ir.prim_name(e).startswith("custom_vjp") for e, _, _ in ir.walk_eqns(original)) \
-        or any(ir.prim_name(e) == "custom_vjp_call" and ir.name_stack(e).startswith("remat_pre_ad")
-               for e in optimized.jaxpr.eqns)  # pre-AD remat segments are custom_vjp (documented)
-    modes = [m for m in (ad if fpos and fout else ()) if m != "jvp" or not no_jvp]
-    def first_mismatch(options, truth=None):
+
+    def first_mismatch(options, truth=None, ref=None):
         res = _run_both(original, optimized, modes, fpos, fout, (leaves, extra), options)
+        res = (ref, res[1]) if ref is not None and isinstance(res, tuple) else res
         return next(filter(None, (_compare(w, res[0][w], res[1][w], truth and truth[w])
                                   for w in res[0])), None) if isinstance(res, tuple) else res
     bad = first_mismatch(_FAST)
@@ -208,6 +221,9 @@ def _compare_all(optimized_fn, fn, args, leaves, original, optimized, config, se
     if bad and "max |a-b|" in bad.detail and not any(a.dtype == np.float64 for a in leaves):
         truth = _truth(fn, args, modes, fpos, fout, extra)  # None: no float64 twin
         bad = bad if truth is None else first_mismatch(None, truth)
+    if bad and bad.status == "mismatch":  # the original's own compile may be the odd one out:
+        eager = _eager(original, modes, fpos, fout, (leaves, extra))  # its mask fused apart
+        bad = bad if eager is None or first_mismatch(None, ref=eager) else None
     if bad:
         return bad
     if config.get("jit"):
@@ -231,17 +247,31 @@ def _compare(what, ref, got, truth=None) -> Outcome | None:
     return bad and Outcome("mismatch", what, f"{what}[{bad[0]}]: {bad[1]}")
 
 
+def _eager(original, modes, fpos, fout, args):
+    """The original's values op by op (no XLA fusion): what JAX defines it to compute. XLA
+    may fuse a comparison (a max's gradient mask) into two consumers that round or treat
+    NaN apart, so the compiled original can disagree with itself; a rewrite that agrees
+    with this value is not wrong."""
+    try:
+        with jax.disable_jit():
+            return jax.tree_util.tree_map(np.asarray, _evaluator(original, modes, fpos, fout)(*args))
+    except Exception:
+        return None
+
+
 def _truth(fn, args, modes, fpos, fout, extra):
     """The original's values with every float input (and (co)tangent) in float64."""
     up = lambda x: np.asarray(x, np.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa
     try:
         with jax.enable_x64(True):
             args = jax.tree_util.tree_map(up, args)
-            cj = jax.make_jaxpr(fn)(*args)  # (co)tangents in the dtypes of this trace:
+            # traced as graphopt.optimize flattens (by argument name), so that fpos and fout
+            # index the same leaves as in the original; (co)tangents in this trace's dtypes
+            plain = graphopt.optimize(fn, passes=[])
+            cj, flat = plain.original_jaxpr(*args), plain._build(args, {})[1]
             extra = {m: [np.asarray(x, avals[k].dtype) for x, k in zip(extra[m], pos)]
                      for m, avals, pos in (("vjp", cj.out_avals, fout), ("jvp", cj.in_avals, fpos))}
-            return _compiled(_evaluator(cj, modes, fpos, fout), jax.tree_util.tree_leaves(args),
-                             extra)
+            return _compiled(_evaluator(cj, modes, fpos, fout), flat, extra)
     except Exception:  # e.g. a float32 constant meets a float64 value in a conv
         return None
 
@@ -258,144 +288,7 @@ def check(prog: Program, seed: int = 0) -> Outcome:
                           ad=prog.config.get("ad", ("vjp", "jvp")))
 
 
-# ------------------------------------------------------------------------ shrinking
-def _rename(prog, old: str, new: str) -> None:
-    pat, sub = re.compile(rf"\b{old}\b"), lambda names: [new if n == old else n for n in names]
-    for s, _ in fp.walk(prog.body):
-        s.expr, s.ins, s.ret = pat.sub(new, s.expr), sub(s.ins), sub(s.ret)
-        s.attrs.update({"pred": new} if s.attrs.get("pred") == old else {})
-    prog.outs = sub(prog.outs)
-
-
-def _prune(prog) -> Program:
-    """Drop statements nothing reads, then inputs nothing uses (in place)."""
-    while True:
-        stmts = list(fp.walk(prog.body))
-        used = set(prog.outs) | {n for s, _ in stmts for n in s.uses() | set(s.ret)}
-        dead = [(s, h) for s, h in stmts if not set(s.outs) & used]
-        if not dead:
-            break
-        dead[-1][1].remove(dead[-1][0])
-    keep = [i for i in prog.inputs if i.name in used]
-    for role in ("param", "batch"):  # a step keeps one of each
-        if not any(i.role == role for i in keep) and any(i.role == role for i in prog.inputs):
-            keep.append(next(i for i in prog.inputs if i.role == role))
-    prog.inputs = keep
-    return prog
-
-
-def _edits(prog):
-    """Smaller variants of ``prog``, most aggressive first (some will not type-check)."""
-    def variant(edit, *a):
-        p = copy.deepcopy(prog)
-        edit(p, *a)
-        return p
-
-    def stmt(p, k):
-        return list(fp.walk(p.body))[k]
-
-    def bypass(p, k, name):  # the statement's output replaced by one of its operands
-        t, holder = stmt(p, k)
-        holder.remove(t)
-        _rename(p, t.outs[0], name)
-
-    def inline(p, k):  # a block replaced by its body (cond: the true branch)
-        t, holder = stmt(p, k)
-        holder[holder.index(t):holder.index(t) + 1] = t.body
-        args = dict(zip(t.params, t.ins))
-        for name in list(args) + t.outs:
-            _rename(p, name, args[name] if name in args else args.get(t.ret[t.outs.index(name)],
-                                                                        t.ret[t.outs.index(name)]))
-
-    def dims(p, d, new):
-        for i in p.inputs:
-            i.shape = tuple(new if x == d else x for x in i.shape)
-            i.hi = min(i.hi, new) if i.hi == d else i.hi
-    for j in range(len(prog.outs) - 1, prog.kind == "step", -1):
-        yield variant(lambda p, j: p.outs.pop(j), j)
-    n = len(list(fp.walk(prog.body)))
-    for k in range(n - 1, -1, -1):
-        yield variant(lambda p, k: stmt(p, k)[1].remove(stmt(p, k)[0]), k)
-    for k in range(n - 1, -1, -1):
-        s = stmt(prog, k)[0]
-        for name in sorted(s.uses() - set(s.params)) if len(s.outs) == 1 else []:
-            yield variant(bypass, k, name)
-        if s.kind not in ("op", "while", "scan"):
-            yield variant(inline, k)
-        if s.attrs.get("trips", 1) > 1 or s.attrs.get("reverse"):
-            yield variant(lambda p, k: stmt(p, k)[0].attrs.update(trips=1, reverse=False), k)
-    yield from _config_edits(prog, variant)
-    for d in sorted({d for i in prog.inputs for d in i.shape if d > 1}, reverse=True):
-        for new in sorted({1, 2, d - 1} - {d}):
-            yield variant(dims, d, new)
-
-
-def _config_edits(prog, variant):
-    cfg, opts = prog.config, prog.config.get("options", {})
-    for key, value in (("jit", False), ("ad", ()), ("ad", ("vjp",)), ("ad", ("jvp",))):
-        if cfg.get(key, ("vjp", "jvp")) and cfg.get(key) != value:
-            yield variant(lambda p, key, value: p.config.update({key: value}), key, value)
-    passes = list(cfg.get("passes") or graphopt.default_passes())
-    for k in range(len(passes) if len(passes) > 1 or cfg.get("passes") is None else 0):
-        yield variant(lambda p, k: p.config.update(passes=[passes[k]]), k)
-        yield variant(lambda p, k: p.config.update(passes=passes[:k] + passes[k + 1:]), k)
-    def drop(p, key):  # without memory_budget, no remat option may stay
-        p.config["options"] = {k: v for k, v in opts.items()
-                               if k != key and not (key == "memory_budget" and "remat" in k)}
-    for key in opts:
-        yield variant(drop, key)
-
-
-_key = lambda p: (p.source(), repr(p.config), [(i.shape, i.hi) for i in p.inputs])  # noqa: E731
-
-
-def shrink(prog: Program, outcome: Outcome, *, seconds: float = 120.0, max_checks: int = 400,
-           log=None) -> tuple[Program, Outcome]:
-    """The smallest variant of ``prog`` (fewer statements, outputs, passes, options, smaller
-    shapes) found within the limits that still fails the same way (status and place)."""
-    best, best_out, checks, t0 = _prune(copy.deepcopy(prog)), outcome, 0, time.time()
-    improved = True
-    while improved and checks < max_checks and time.time() - t0 < seconds:
-        improved = False
-        for cand in _edits(best):
-            if _key(_prune(cand)) == _key(best):  # an edit that changed nothing
-                continue
-            checks += 1
-            out = check(cand)
-            if out.signature == outcome.signature:
-                best, best_out, improved = cand, out, True
-                if log:
-                    log(f"  shrunk to {best.count()} statements, {len(best.inputs)} inputs")
-                break
-            if checks >= max_checks or time.time() - t0 > seconds:
-                break
-    return best, best_out
-
-
-# ---------------------------------------------------------------- tests and the runner
-def to_test(prog: Program, outcome: Outcome) -> str:
-    """``prog`` as a pytest module that fails while graphopt has the bug it found."""
-    src, name = prog.source(), re.sub(r"\W+", "_", prog.label).strip("_")
-    helpers = sorted(h for h in fp.HELPERS if re.search(rf"\b{h}\(", src))
-    config = dict(prog.config)  # a Pass object is written as its (registered) name
-    if config.get("passes") is not None:
-        config["passes"] = [getattr(p, "name", p) for p in config["passes"]]
-    detail = "\n".join(line[:100] for line in outcome.detail.splitlines()[:6])
-    return (f'"""graphopt.fuzz regression ({prog.label}): {outcome.status} in {outcome.where}.\n\n'
-            f"{detail}\n\"\"\"\nimport jax  # noqa: F401 (what generated programs may use)\n"
-            "import jax.numpy as jnp  # noqa: F401\nimport numpy as np  # noqa: F401\n"
-            "import optax  # noqa: F401\nfrom jax import lax  # noqa: F401\n\n"
-            "from graphopt.fuzz import check_function\n"
-            + (f"from graphopt.fuzz_programs import {', '.join(helpers)}\n" if helpers else "")
-            + f"\n\n{src}\n\nINPUTS = [  # name, shape, dtype, role, integers drawn below"
-            + "".join(f"\n    {(i.name, i.shape, i.dtype, i.role, i.hi)!r}," for i in prog.inputs)
-            + f"\n]\nCONFIG = {config!r}\n\n\ndef test_fuzz_{name}():\n"
-            f"    out = check_function({'f' if prog.kind == 'fn' else 'step'}, INPUTS, CONFIG, "
-            f"kind={prog.kind!r}, x64={prog.x64}" + (", opt=OPT" if prog.kind == "step" else "")
-            + f", ad={config.get('ad', ('vjp', 'jvp'))!r})\n"
-            "    assert not out.failed, out.detail\n")
-
-
+# ---------------------------------------------------------------- the runner
 @dataclasses.dataclass
 class Summary:
     n: int = 0
@@ -495,5 +388,7 @@ def run(n: int = 1000, seed: int = 0, *, start: int = 0, kind: str | None = None
     return summ
 
 
-__all__ = ["run", "check", "check_function", "shrink", "to_test", "program", "mismatch",
-           "Outcome", "Summary", "TOLERANCE"]
+from .fuzz_shrink import regression, shrink, to_test  # noqa: E402 (they call check)
+
+__all__ = ["run", "check", "check_function", "regression", "shrink", "to_test", "program",
+           "mismatch", "Outcome", "Summary", "TOLERANCE"]

@@ -105,6 +105,22 @@ class Option:
 
 
 _AUTO_BOOL = _one_of("auto", True, False)
+_PRECISIONS = {"bfloat16": 5e-2, "float16": 2e-2}  # compute dtype -> rtol of check=True
+
+
+def _precision(v):
+    """A compute-dtype name, or a graphopt.Precision (anything with .compute)."""
+    compute = v if isinstance(v, str) else getattr(v, "compute", None)
+    if compute not in _PRECISIONS:
+        raise ValueError(f"must be one of {', '.join(map(repr, _PRECISIONS))} or a "
+                         f"graphopt.Precision, got {v!r}")
+    return v
+
+
+def _precision_rtol(v):
+    return _PRECISIONS[v if isinstance(v, str) else v.compute]
+
+
 OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("memory_budget", "remat", _check_budget,
            "XLA temp bytes for the program: int, '2GiB' or a fraction in (0, 1]; adds remat",
@@ -134,6 +150,10 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            "reorder a matmul chain only below this FLOP ratio"),
     Option("parallel_dots", "fuse_parallel_dots", _one_of("auto", "always", "never", False),
            "merge parallel dots on a shared input"),
+    Option("precision", "precision", _precision,
+           "'bfloat16', 'float16' or graphopt.Precision(...): compute dtype of dots, convs "
+           "and the elementwise ops between them; adds the precision pass",
+           adds_pass="precision", check_rtol=_precision_rtol),
     Option("fuse_attention_auto", "fuse_attention_auto", _one_of(True, False),
            "say in the report why attention stays unfused"),
 ]}

@@ -276,6 +276,15 @@ _NODE_STYLE = {
 }
 
 
+# Edge colours by dtype (mixed precision shows at a glance); float32 keeps the default.
+DTYPE_COLORS = {"bf16": "#2563eb", "f16": "#9333ea", "f64": "#dc2626"}
+
+
+def _dtype_color(label: str) -> list[str]:
+    color = DTYPE_COLORS.get(label.split("[", 1)[0])
+    return [f"color={_q(color)} fontcolor={_q(color)} penwidth=1.5"] if color else []
+
+
 class _View:
     """A model seen at a given collapse level: visible nodes, clusters, merged edges."""
 
@@ -354,7 +363,8 @@ class _View:
                 seen.setdefault((rs, rd), []).append(lab)
         for (s, d), labs in seen.items():
             lab = labs[0] + (f" (+{len(labs) - 1})" if len(labs) > 1 else "")
-            out.append(f'{_q(s)} -> {_q(d)}' + (f' [label={_q(lab)}]' if self.edge_labels else ""))
+            attrs = ([f"label={_q(lab)}"] if self.edge_labels else []) + _dtype_color(labs[0])
+            out.append(f'{_q(s)} -> {_q(d)}' + (f' [{" ".join(attrs)}]' if attrs else ""))
         return out
 
     def _inside_collapsed(self, gid: str) -> bool:

@@ -200,3 +200,116 @@ def test_block_causal_matches_dot_product_attention_with_bias():
     assert n_causal_blocks(64, 64) == 0 and n_causal_blocks(256, 32) == 0  # too short
     with pytest.raises(ValueError, match="n_blocks=3 must divide the query length 8"):
         block_causal_attention(q, k, v, scale=0.5, n_blocks=3)
+
+
+# ------------------------------------------------------------ one note per refused candidate
+
+def _refused(f, *args):
+    """Run the pass; (hits, the fuse.attention notes)."""
+    _, out, st = run_pass("fuse_attention", f, *args)
+    return hits(st), [n for n in st.notes if n.startswith("fuse.attention")]
+
+
+@pytest.mark.parametrize("variant, why", [
+    ("soft_cap", "tanh between q·kᵀ and the softmax"),
+    ("small_fill", "where-fill -1 is not a large negative number"),
+    ("scale_after_mask", "a scale follows the mask"),
+    ("inf_fill_argument", "a -inf mask fill may empty a row"),
+    ("inf_fill_empty_row", "a -inf mask fill empties a row"),
+])
+def test_recognised_but_unfused_candidates_say_which_condition_failed(variant, why):
+    mask = jnp.asarray(R.random((B, 1, T, S)) > 0.3)
+    empty = jnp.ones((T, S), bool).at[1].set(False)
+
+    def f(q, k, v, m):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        if variant == "soft_cap":          # gemma-style logit soft-capping
+            s = 30.0 * jnp.tanh(s / 30.0)
+        elif variant == "small_fill":
+            s = jnp.where(m, s, -1.0)
+        elif variant == "scale_after_mask":
+            s = jnp.where(m, s, -1e30) * 0.5
+        elif variant == "inf_fill_argument":
+            s = jnp.where(m, s, -jnp.inf)
+        else:
+            s = jnp.where(empty, s, -jnp.inf)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+    n_hits, notes = _refused(f, Q, K, V, mask)
+    assert n_hits == 0
+    assert len(notes) == 1 and why in notes[0] and "not applied" in notes[0], notes
+
+
+def test_two_refused_candidates_give_two_lines_and_non_attention_gives_none():
+    def f(q, k, v):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        a = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(jnp.tanh(s), axis=-1), v)
+        b = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(jnp.sin(s), axis=-1), v)
+        return a + b
+    n_hits, notes = _refused(f, Q, K, V)
+    assert n_hits == 0 and len(notes) == 2, notes
+    # A softmax classifier head (softmax over features, then a weight matrix) is no candidate.
+    w = arr(H, 3)
+    n_hits, notes = _refused(lambda x, w: jax.nn.softmax(x, axis=-1) @ w, Q, w)
+    assert n_hits == 0 and notes == []
+
+
+@pytest.mark.parametrize("layout", ["heads_first", "heads_last", "vmapped"])
+def test_grouped_query_heads_and_singleton_axes(layout):
+    # 4 query heads over 2 key/value heads, the groups a free axis of q·kᵀ (as
+    # jax.nn.dot_product_attention and flax nnx spell them), in several layouts.
+    q, k, v = arr(B, T, 2, 2, H), arr(B, S, 2, H), arr(B, S, 2, H)
+    if layout == "heads_first":
+        def f(q, k, v):
+            s = jnp.einsum("btkgh,bskh->bkgts", q, k) * 0.5
+            return jnp.einsum("bkgts,bskh->btkgh", jax.nn.softmax(s), v)
+    elif layout == "heads_last":
+        def f(q, k, v):
+            s = jnp.einsum("btkgh,bskh->btkgs", q, k) * 0.5
+            return jnp.einsum("btkgs,bskh->bkgth", jax.nn.softmax(s), v)
+    else:
+        def one(q, k, v):  # vmapped over the group axis of q only
+            s = jnp.einsum("btkh,bskh->bkts", q, k) * 0.5
+            return jnp.einsum("bkts,bskh->btkh", jax.nn.softmax(s), v)
+        f = jax.vmap(one, in_axes=(3, None, None), out_axes=3)
+    _, _, st = check("fuse_attention", f, q, k, v)
+    assert hits(st) == 1, st.notes
+
+
+# ------------------------------------------------------------ any layout: a property
+
+from hypothesis import HealthCheck, given, settings, strategies as st_  # noqa: E402
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(q_l=st_.permutations("btnh"), k_l=st_.permutations("bsnh"), v_l=st_.permutations("bsnh"),
+       s_l=st_.permutations("bnts"), o_l=st_.permutations("btnh"),
+       scale_at=st_.sampled_from(["scores", "q", "k"]),
+       mask=st_.sampled_from(["none", "causal", "additive_causal", "bias"]))
+def test_attention_in_any_layout_fuses_and_matches(q_l, k_l, v_l, s_l, o_l, scale_at, mask):
+    # Distinct sizes (B=2, T=5, S=6, N=3, H=4): a mixed-up axis cannot go unnoticed.
+    q_l, k_l, v_l, s_l, o_l = map("".join, (q_l, k_l, v_l, s_l, o_l))
+    size = dict(b=B, t=T, s=S, n=N, h=H)
+    q, k, v = (jnp.asarray(R.normal(size=[size[c] for c in lay]), jnp.float32)
+               for lay in (q_l, k_l, v_l))
+    keep = np.tril(np.ones((T, S), bool))
+    keep = np.transpose(keep[None, None], ["bnts".index(c) for c in s_l])   # scores layout
+    bias = jnp.asarray(R.normal(size=[size[c] if c in "ts" else 1 for c in s_l]), jnp.float32)
+
+    def f(q, k, v, bias):
+        if scale_at == "q":
+            q = q * 0.5
+        if scale_at == "k":
+            k = k / 2.0
+        s = jnp.einsum(f"{q_l},{k_l}->{s_l}", q, k)
+        if scale_at == "scores":
+            s = s * 0.5
+        if mask == "causal":
+            s = jnp.where(keep, s, -1e30)
+        elif mask == "additive_causal":
+            s = s + jnp.where(keep, 0.0, -1e9)
+        elif mask == "bias":
+            s = s + bias
+        return jnp.einsum(f"{s_l},{v_l}->{o_l}", jax.nn.softmax(s, axis=s_l.index("s")), v)
+    _, _, stats = check("fuse_attention", f, q, k, v, bias)
+    assert hits(stats) == 1, stats.notes
+    assert ("fuse.attention.causal" in stats.hits) == (mask in ("causal", "additive_causal"))

@@ -9,25 +9,49 @@ import sys
 import pytest
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
-from graphopt import fuzz, ir
+from graphopt import fuzz, fuzz_programs as fp, ir
 from graphopt.passes import Pass, PassResult
 
-SEED, PROGRAMS, CHUNKS = 7, 1000, 10
+# GRAPHOPT_FUZZ_N programs of run GRAPHOPT_FUZZ_SEED from GRAPHOPT_FUZZ_START, in CHUNKS
+# tests (so CI legs can split 1,000 programs over seeds); GRAPHOPT_FUZZ=1 alone: 1,000 of seed 7.
+ENV = os.environ
+PROGRAMS = int(ENV.get("GRAPHOPT_FUZZ_N", 1000 if ENV.get("GRAPHOPT_FUZZ") else 0))
+SEED, START, CHUNKS = int(ENV.get("GRAPHOPT_FUZZ_SEED", 7)), int(ENV.get("GRAPHOPT_FUZZ_START", 0)), 10
+
+
+def _chunk(c: int) -> tuple[int, int]:
+    """(first program, count) of chunk ``c``: PROGRAMS split as evenly as CHUNKS allows."""
+    lo, hi = (START + PROGRAMS * k // CHUNKS for k in (c, c + 1))
+    return lo, hi - lo
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("GRAPHOPT_FUZZ"), reason=(
-    "1,000 fuzzed programs take minutes: GRAPHOPT_FUZZ=1 runs them "
-    "(or python -m graphopt fuzz --n 1000 --seed 7)"))
+@pytest.mark.skipif(not PROGRAMS, reason=(
+    "fuzzed programs take minutes: GRAPHOPT_FUZZ_N=N [GRAPHOPT_FUZZ_SEED=S] runs N of them, "
+    "GRAPHOPT_FUZZ=1 1,000 of seed 7 (or python -m graphopt fuzz --n 1000 --seed 7)"))
 @pytest.mark.parametrize("chunk", range(CHUNKS))
 def test_fuzz_programs(chunk):
-    per = PROGRAMS // CHUNKS
+    start, n = _chunk(chunk)
+    if not n:
+        pytest.skip("no programs in this chunk")
     logs = []
-    summ = fuzz.run(per, SEED, start=chunk * per, shrink_failures=2, shrink_seconds=60,
-                    log=logs.append)
-    assert summ.ok, summ.line() + "\n\n" + "\n".join(logs)
+    summ = fuzz.run(n, SEED, start=start, shrink_failures=2, shrink_seconds=60, log=logs.append)
+    assert summ.ok, summ.line() + f" (programs {start}..{start + n - 1})\n\n" + "\n".join(logs)
+
+
+def test_chunks_cover_the_programs_once():
+    global PROGRAMS, START
+    saved = PROGRAMS, START
+    try:
+        for PROGRAMS, START in ((1000, 0), (334, 2000), (7, 5)):
+            spans = [_chunk(c) for c in range(CHUNKS)]
+            covered = [k for lo, n in spans for k in range(lo, lo + n)]
+            assert covered == list(range(START, START + PROGRAMS))
+    finally:
+        PROGRAMS, START = saved
 
 
 def _mul_to_add(cj, ctx=None):
@@ -67,9 +91,27 @@ def test_shrinking_gives_a_smaller_failing_program():
     assert small_out.signature == out.signature
     assert small.count() < prog.count() or len(small.inputs) < len(prog.inputs)
     assert fuzz.check(small).failed
-    text = fuzz.to_test(small, small_out)
+    text = fuzz.to_test(small, small_out, why="A deliberately wrong pass.")
     compile(text, "<regression>", "exec")  # a readable, valid test module
-    assert "def test_fuzz_" in text and "check_function(" in text
+    assert "def test_fuzz_" in text and "    regression(f, INPUTS, CONFIG, kind='fn'" in text
+    assert "A deliberately wrong pass." in text and "noqa" not in text
+    ns = dict(fp.NAMESPACE)  # the shared helper fails on it as the saved test would
+    exec(compile(small.source(), "<small>", "exec"), ns)
+    with pytest.raises(AssertionError, match=r"^mismatch in "):
+        fuzz.regression(ns["f"], small.inputs, small.config, kind="fn", x64=small.x64)
+
+
+def test_regression_helper_passes_a_correct_program_and_refuses_an_invalid_one():
+    def f(x):
+        return (jnp.sin(x) * 1.0 + 0.0,)
+    inputs = [("x", (3, 2), "float32", "arg", None)]
+    out = fuzz.regression(f, inputs, {"passes": ["prune"], "ad": ("vjp", "jvp")})
+    assert out.status == "ok"
+
+    def bad(x):  # JAX rejects it: a regression test must not pass by not running
+        return (x @ x,)
+    with pytest.raises(AssertionError, match=r"^invalid in "):
+        fuzz.regression(bad, inputs, {"passes": ["prune"]})
 
 
 def test_correct_passes_pass_and_jit_path_runs():
@@ -113,3 +155,35 @@ def test_cli_summary_and_exit_status(tmp_path):
     last = bad.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"fuzz: 12 programs, [1-9]\d* mismatches, \d+ crashes, seed 3", last), last
     assert list(tmp_path.glob("test_fuzz_*.py"))
+
+
+def _pre_ad_program():
+    def f(x, w):  # a loss graphopt.optimize rematerializes before AD (custom_vjp segments)
+        h = x
+        for _ in range(4):
+            h = h + jnp.tanh(h @ w)
+        return (jnp.mean(h ** 2),)
+    inputs = [("x", (4, 64, 16), "float32", "arg", None), ("w", (16, 16), "float32", "arg", None)]
+    config = {"passes": ["remat"], "options": {"memory_budget": 0.8, "remat_solver": "greedy"},
+              "ad": ("jvp",)}
+    return f, inputs, config
+
+
+def test_pre_ad_segments_get_their_vjp_compared_when_jvp_is_skipped():
+    f, inputs, config = _pre_ad_program()
+    out = fuzz.check_function(f, inputs, config, ad=config["ad"])
+    assert out.status == "ok", out.detail
+    assert out.seen.get("rule remat.bytes_saved"), out.seen  # the segments are there
+    assert out.compared == ("outputs", "vjp")  # jvp of a custom_vjp skipped, vjp added
+
+
+def test_a_wrong_pre_ad_backward_is_caught_with_jvp_only(monkeypatch):
+    from graphopt.transforms import remat as remat_mod
+    real = remat_mod.fenced
+
+    def doubled(fn, gs, *xs):  # the segments' backward, wrong by a factor of two
+        return tuple(2 * g for g in real(fn, gs, *xs))
+    monkeypatch.setattr(remat_mod, "fenced", doubled)
+    f, inputs, config = _pre_ad_program()
+    out = fuzz.check_function(f, inputs, config, ad=config["ad"])
+    assert out.status == "mismatch" and out.where == "vjp", (out.status, out.where, out.detail)

@@ -17,8 +17,11 @@ Numerics: each chunk's logits come from the original dot (its ``precision`` and
 ``preferred_element_type``); log-sum-exp, softmax and accumulations run in the
 program's dtype promoted to at least float32 (float64 stays float64).
 Out-of-range labels give what the gather gives in its mode (``fill``: the fill value,
-``clip``: the clamped label, ``promise_in_bounds``: clamped, no gradient); ``one_hot``
-gathers are left alone.
+``clip``: the clamped label, ``promise_in_bounds``: clamped, no gradient).
+
+Every other spelling (optax's losses, one-hot targets, ``logsumexp(z) - z[y]``, shifts
+after the projection, label smoothing, biases, vocabulary masks) is matched by
+:mod:`xent_match` through a normal form over per-row statistics (:mod:`xent_kernel`).
 
 Fires only where the cost model says it pays: the logits it avoids must be at least
 ``xent_min_bytes`` (default 32 MiB) and span at least two chunks of ``xent_chunk``
@@ -258,6 +261,16 @@ def chunked_cross_entropy(h, w, labels, *, chunk: int = 1024, w_vd: bool = False
 _MODES = ("CLIP", "FILL_OR_DROP", "PROMISE_IN_BOUNDS")
 
 
+def _read_outside(view: View, eqns, out) -> bool:
+    """True if a value computed inside ``eqns`` (other than ``out``) is read outside them."""
+    for k in eqns:
+        for v in view.eqns[k].outvars:
+            if ir.is_var(v) and v is not out and (
+                    v in view.outputs or any(u not in eqns for u in view.users.get(v, ()))):
+                return True
+    return False
+
+
 class CrossEntropyRule(Rule):
     def __init__(self):
         super().__init__("fuse.cross_entropy", roots=("gather",))
@@ -329,12 +342,19 @@ class CrossEntropyRule(Rule):
                 lp = jnp.where(valid, lp, lax.stop_gradient(lp))
             return lp.astype(ldtype).reshape(out_aval.shape)
 
+        if _read_outside(view, eqns, g.outvars[0]):
+            return None  # XentRegionRule, rooted at the dot, says why (one line per candidate)
         note = POST_AD_HINT if getattr(view.ctx, "placement", "") == "post-AD" else ""
         m = Match(self.name, frozenset(eqns), [g.outvars[0]], fused, [h, w, idx], note=note)
         return m
 
 
-RULES = [CrossEntropyRule()]
+# The take_along_axis(log_softmax(h @ W)) spelling first (rooted at the gather, later in
+# the program); every other spelling through the normal forms of xent_match.
+from .xent_match import XentRegionRule  # noqa: E402
+from .xent_kernel import vocab_stats  # noqa: E402
 
-__all__ = ["chunked_logprob", "chunked_cross_entropy", "CrossEntropyRule", "RULES", "POST_AD_HINT",
+RULES = [CrossEntropyRule(), XentRegionRule()]
+
+__all__ = ["vocab_stats", "XentRegionRule", "chunked_logprob", "chunked_cross_entropy", "CrossEntropyRule", "RULES", "POST_AD_HINT",
            "log_softmax_input", "note", "refuse"]

@@ -54,7 +54,7 @@ from graphopt.passes import Pass, PassContext, PassResult, register_pass
 from . import remat_micro, remat_plan, remat_scan
 from .remat_budget import (MEASURES, BudgetError, choose, estimated_temp, finish,
                            next_target, parse_budget, xla_temp)
-from .remat_plan import Plan, backward_start, build_plan, recomputed_segments
+from .remat_plan import Plan, backward_start, build_plan, float_compare, recomputed_segments
 from .remat_solvers import solve_greedy
 
 # ------------------------------------------------------------------------- the fence
@@ -142,6 +142,42 @@ def _frontier(eqns, a: int, b: int) -> list:
             if _float_var(v) and v not in read]
 
 
+def _input_dependent(jaxpr) -> set:
+    """Vars whose value depends on the program's inputs (not on constants alone)."""
+    dep = set(jaxpr.invars)
+    for e in jaxpr.eqns:
+        if any(ir.is_var(a) and a in dep for a in e.invars):
+            dep.update(v for v in e.outvars if ir.is_var(v))
+    return dep
+
+
+def _pin(m, x):
+    """``m`` through a cond XLA cannot fold, keyed on the comparison operand ``x``: the
+    branch taken when ``x[0]`` is not NaN ands the mask with that very fact (identical
+    branches would be forwarded away by ``lax.cond``)."""
+    p = _fence_pred([x])
+    return lax.cond(p, lambda m, p: m & p, lambda m, p: m, m, p)
+
+
+def _pinned_compares(fwd, env) -> tuple[list, list]:
+    """The forward equations, each float comparison's result (a max's gradient mask)
+    materialized once through a fence. Otherwise XLA fuses the comparison into each of
+    its consumers, recomputing its operands there, and a rewrite that changes the fusion
+    lets the copies round apart: a mask empty in one consumer, set in another."""
+    out, consts = [], []
+    for e in fwd:
+        new_in = [env.get(a, a) if ir.is_var(a) else a for a in e.invars]
+        out.append(e.replace(invars=new_in) if new_in != list(e.invars) else e)
+        x = next((a for a in new_in if _float_var(a)), None)
+        if not float_compare(e) or x is None or not ir.is_var(e.outvars[0]):
+            continue
+        inl = ir.inline(_pin, [e.outvars[0], x])
+        out.extend(ir.eqn_with_name_stack(q, "remat") for q in inl.eqns)
+        consts.extend(inl.consts)
+        env[e.outvars[0]] = inl.outs[0]
+    return out, consts
+
+
 def apply_post_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats,
                   order_backward: bool = True, narrow: bool = True,
                   skip_kept: bool = True) -> ir.ClosedJaxpr:
@@ -152,7 +188,9 @@ def apply_post_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats,
     jaxpr = cj.jaxpr
     eqns = jaxpr.eqns
     B = plan.bwd_start
-    produced_bwd = {v for e in eqns[B:] for v in e.outvars if ir.is_var(v)}
+    # a fence keyed on a value made from constants alone is folded away by XLA
+    varying = _input_dependent(jaxpr)
+    produced_bwd = {v for e in eqns[B:] for v in e.outvars if ir.is_var(v) and v in varying}
     at: dict[int, list] = {}
     segs = (recomputed_segments(jaxpr, plan, remat) if skip_kept else
             [s for s, r in zip(plan.segments, remat) if r])
@@ -162,8 +200,7 @@ def apply_post_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats,
                                                       if ir.is_var(a)))
         at.setdefault(u, []).append(seg)
     env: dict = {}
-    new_eqns = list(eqns[:B])
-    consts = []
+    new_eqns, consts = _pinned_compares(eqns[:B], env)
     last = B  # backward equations before this index are already ordered before a fence
     for i in range(B, len(eqns)):
         e = eqns[i]
@@ -175,11 +212,12 @@ def apply_post_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats,
                 # XLA CPU defers weight/bias-gradient reductions to the update, keeping
                 # each layer's big cotangents alive to the end: key the fence on every
                 # backward value made since the last fence that nothing before here reads.
-                gs += [env.get(v, v) for v in _frontier(eqns, last, i) if v not in gs]
+                gs += [env.get(v, v) for v in _frontier(eqns, last, i)
+                       if v in varying and env.get(v, v) not in gs]
                 last = i
             if not gs:  # the latest backward value made before this equation
                 for prev in reversed(new_eqns[B:]):
-                    gs = [v for v in prev.outvars if _float_var(v)][:1]
+                    gs = [v for v in prev.outvars if _float_var(v) and v in varying][:1]
                     if gs:
                         break
             if not gs:
@@ -207,7 +245,7 @@ def apply_post_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats,
             else:
                 def fn2(*a, fn=fn, ng=ng):
                     return fenced(fn, a[:ng], *a[ng:])
-            inl = ir.inline(fn2, list(gs) + list(seg.inputs))
+            inl = ir.inline(fn2, list(gs) + [env.get(a, a) for a in seg.inputs])
             # the "remat" scope marks recomputations for reports and memory plots
             new_eqns.extend(ir.eqn_with_name_stack(x, "remat") for x in inl.eqns)
             consts.extend(inl.consts)
@@ -300,7 +338,7 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
         return PassResult(cj, False, stats)
 
     micro = remat_micro.MicroBatching(original, wrap, measure, budget_bytes, base, stats,
-                                      micro_opt, positions)
+                                      micro_opt, positions, getattr(ctx, "arg_names", None))
     # a scan whose body has effects or random numbers is never recomputed: say so
     impure_scans = [ir.source_line(e) or "no source line" for e in inner.jaxpr.eqns
                     if e.primitive.name == "scan" and ir.impure(e)]

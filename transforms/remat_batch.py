@@ -37,7 +37,8 @@ from jax import lax
 
 from graphopt import analysis, ir
 
-from .remat_batch_rules import (RULES, Unstreamable, batch_inputs, check_accumulator,
+from .remat_batch_rules import (RULES, Unstreamable, batch_inputs, batch_source,
+                                check_accumulator,
                                 check_linear, combine, identity, micro_params, rebuildable,
                                 shape_of)
 from .remat_plan import float_compare
@@ -460,5 +461,5 @@ def micro_batch_counts(n: int) -> list[int]:
     return [k for k in range(2, n + 1) if n % k == 0]
 
 
-__all__ = ["Unstreamable", "Analysis", "RULES", "analyse", "batch_inputs", "stream",
+__all__ = ["Unstreamable", "Analysis", "RULES", "analyse", "batch_inputs", "batch_source", "stream",
            "micro_batch_counts"]

@@ -306,7 +306,8 @@ def batch_inputs(jaxpr, positions=None) -> tuple[int, list]:
         mine = [i for i, p in enumerate(positions) if p == last]
         sizes = {shapes[i][0] if shapes[i] else None for i in mine}
         if len(sizes) != 1 or None in sizes:
-            raise Unstreamable("the last argument's leaves do not share a leading (batch) "
+            raise Unstreamable(f"the last argument (argument {last} of the call, taken as "
+                               "the batch) has leaves that do not share a leading (batch) "
                                f"axis: shapes {[shapes[i] for i in mine]}")
         n = sizes.pop()
         axes = [0 if i in mine else None for i in range(len(shapes))]
@@ -322,6 +323,26 @@ def batch_inputs(jaxpr, positions=None) -> tuple[int, list]:
     if n < 2:
         raise Unstreamable(f"batch of size {n}")
     return n, axes
+
+
+def batch_source(positions, batched_in, names=None) -> str:
+    """Which argument :func:`batch_inputs` took as the batch, for the report: by its place
+    in the call (``names``: per place, its name; ``arg<i>`` is positional ``i``), or by
+    flat input when the call is not known."""
+    mine = [i for i, a in enumerate(batched_in) if a is not None]
+    if positions is None or not any(p is not None for p in positions):
+        return (f"flat inputs {mine[0]}..{mine[-1]} (the trailing inputs sharing the last "
+                "one's leading size)")
+    last = max(p for p in positions if p is not None)
+    name = names[last] if names is not None and last < len(names) else None
+    if name is None or (name.startswith("arg") and name[3:].isdigit()):
+        arg = f"argument {last if name is None else int(name[3:])}"
+    else:
+        arg = f"argument {name!r}"
+    earlier = sum(1 for p in set(positions) if p is not None and p != last)
+    return (f"{arg}, the last array argument of the call: {len(mine)} leaves split along "
+            "their leading axis" + (f"; the {earlier} argument(s) before it are not split, so "
+                                    "a batch passed earlier must come last" if earlier else ""))
 
 
 def check_accumulator(eqns, outvars, nk, v_in, v_out, partial) -> list:

@@ -21,10 +21,12 @@ class MicroBatching:
     on CPU: 1.5-2x slower), or when ``remat_micro_batches`` asks for it; otherwise below
     the floor of choosing what to keep. The fewest micro-batches that meet the budget win."""
 
-    def __init__(self, original, wrap, measure, budget_bytes, base, stats, option, positions):
+    def __init__(self, original, wrap, measure, budget_bytes, base, stats, option, positions,
+                 names=None):
         self.original, self.wrap, self.measure = original, wrap, measure
         self.budget_bytes, self.base, self.stats, self.option = budget_bytes, base, stats, option
         self.an, self.tried, self.why, self.positions = None, {}, "", positions
+        self.names = names  # per argument place, its name (when the caller knows them)
         if option is not False:
             try:
                 self.an = remat_batch.analyse(original, positions)
@@ -47,7 +49,8 @@ class MicroBatching:
             m, prog = self.tried[k]
             if m <= self.budget_bytes * 1.05:
                 flops = self.flops
-                self.stats.note(f"remat: {why}; the batch of {an.n} runs as {k} micro-batches "
+                self.stats.note(f"remat: {why}; the batch of {an.n} ({self._source(an)}) "
+                                f"runs as {k} micro-batches "
                                 f"in {an.n_loops} loop(s), one per level of reductions over the "
                                 f"batch, recomputing {analysis.fmt_flops(flops)} (measured "
                                 + self._measured() + ")" + self._stashed())
@@ -55,6 +58,9 @@ class MicroBatching:
                 return finish(prog, self.stats, f"micro-batches ({k} x {an.n // k})",
                               self.base, m, self.budget_bytes, flops)
         return None
+
+    def _source(self, an) -> str:  # which argument was taken as the batch
+        return remat_batch.batch_source(self.positions, an.batched_in, self.names)
 
     def _stashed(self) -> str:
         n = len(self.an.stash)
@@ -98,7 +104,8 @@ class MicroBatching:
                 if m <= self.budget_bytes * 1.05:
                     remat_scan.apply_scans(inner, splan, k_all, self.stats)
                     self.stats.note(f"remat: scan rewrite ({remat_scan.level_desc(splan, k_all)}) "
-                                    f"run as {k} micro-batches: {analysis.fmt_flops(fl)} "
+                                    f"run as {k} micro-batches of the batch of {an.n} "
+                                    f"({self._source(an)}): {analysis.fmt_flops(fl)} "
                                     f"recomputed against {analysis.fmt_flops(flops_keep)} "
                                     "without micro-batches")
                     self.stats.hit("remat.micro_batches", k)

@@ -326,3 +326,40 @@ def test_micro_batches_over_the_scan_rewrite_recompute_less():
     assert res.stats.hits["remat.flops_recomputed"] < keep.stats.hits["remat.flops_recomputed"]
     assert remat.xla_temp(res.jaxpr) <= 0.2 * remat.xla_temp(cj) * 1.05
     _assert_same(cj, res.jaxpr, jax.tree_util.tree_leaves(args), 2e-5)
+
+
+def test_the_note_names_the_argument_taken_as_the_batch():
+    # issue 16 item 14: the batch is the last array argument; the note says which argument
+    # was split, by its place in the call, and says so too when that choice fails
+    import graphopt
+    step, args = _step("mlp")
+    f = graphopt.optimize(step, passes=["remat"], memory_budget=0.5)
+    out = f(*args)
+    rec = next(r for r in f.report(*args).records if r.name == "remat")
+    assert rec.stats.hits["remat.micro_batches"] >= 2
+    n_leaves = len(jax.tree_util.tree_leaves(args[2]))
+    note = next(n for n in rec.stats.notes if "runs as" in n)
+    assert (f"(argument 2, the last array argument of the call: {n_leaves} leaves split along "
+            "their leading axis; the 2 argument(s) before it are not split") in note, note
+    for x, y in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(step(*args))):
+        assert testing.max_rel_error(x, y) <= 2e-5
+
+    def batch_first(batch, params, opt_state):  # the batch is not last: opt_state is taken
+        return step(params, opt_state, batch)
+    g = graphopt.optimize(batch_first, passes=["remat"], memory_budget=0.5,
+                          remat_measure="estimate")
+    moved = (args[2], args[0], args[1])
+    try:
+        notes = next(r for r in g.report(*moved).records if r.name == "remat").stats.notes
+    except graphopt.BudgetError as e:  # refused: the reason names the argument too
+        notes = [str(e)]
+    assert any("argument 2 of the call, taken as the batch" in n for n in notes), notes
+
+
+def test_batch_source_by_name_and_without_a_call():
+    axes = [None, 0, 0]
+    assert remat_batch.batch_source([0, 1, 1], axes, ["params", "batch"]).startswith(
+        "argument 'batch', the last array argument of the call: 2 leaves")
+    assert remat_batch.batch_source([0, 1, 1], axes, ["arg0", "arg1"]).startswith("argument 1,")
+    assert remat_batch.batch_source([1, 1, 1], axes).endswith("split along their leading axis")
+    assert remat_batch.batch_source(None, axes).startswith("flat inputs 1..2")

@@ -217,3 +217,38 @@ def test_scan_rewrite_keeps_a_mask_compared_with_a_received_value():
         made = {v for e in b.eqns if ir.name_stack(e).startswith("remat") for v in e.outvars}
         assert not any(remat_plan.float_compare(e) and not set(e.invars) <= made
                        for e in b.eqns if ir.name_stack(e).startswith("remat"))
+
+
+# 1b. The choosing-what-to-keep path (no micro-batches), fuzz seed 6 program 112: XLA
+# fused the min's gradient mask eq(x, min x) into each consumer, recomputing x in each
+# fusion, and after the rewrite changed the fusions the copies disagreed. Every float
+# comparison of the forward now leaves through a fence, and all its readers read that.
+def _min_over_batch_step(w, opt_state):
+    opt = optax.sgd(0.05, momentum=0.9)
+
+    def loss(w):
+        v = jnp.sqrt(jnp.abs(w) + 1)
+        v = (v - v.mean(0)) * jax.lax.rsqrt(v.var(0) + 1e-5)
+        return jnp.min(v, axis=0).mean()
+    val, g = jax.value_and_grad(loss)(w)
+    upd, opt_state = opt.update(g, opt_state, w)
+    return optax.apply_updates(w, upd), opt_state, val
+
+
+def test_kept_comparison_is_materialized_once_for_its_readers():
+    w = jax.random.normal(jax.random.PRNGKey(3), (5, 5, 1))
+    args = (w, optax.sgd(0.05, momentum=0.9).init(w))
+    cj = jax.make_jaxpr(_min_over_batch_step)(*args)
+    res = remat.remat_pass(cj, PassContext("post-AD", {"memory_budget": 0.86,
+                                                       "remat_measure": "estimate"}))
+    assert res.changed and res.stats.hits["remat.segment"] >= 1
+    eqns = res.jaxpr.jaxpr.eqns
+    masks = {e.outvars[0] for e in eqns if remat_plan.float_compare(e)  # not the fences' own
+             and not ir.name_stack(e).startswith("remat")}
+    assert len(masks) == 1
+    readers = [e for e in eqns for a in e.invars if ir.is_var(a) and a in masks]
+    assert readers and all(e.primitive.name == "cond" for e in readers)  # only the fence
+    with jax.disable_jit():  # what JAX defines, no fusion
+        ref = _min_over_batch_step(*args)
+    got = jax.jit(ir.jaxpr_as_fun(res.jaxpr))(*jax.tree_util.tree_leaves(args))
+    _same(jax.tree_util.tree_leaves(ref), got)
