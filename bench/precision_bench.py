@@ -14,30 +14,19 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 import graphopt
+from graphopt.__main__ import median_time
 from graphopt.liveness import xla_memory
 from graphopt.models import cnn, gpt
 from graphopt.transforms.precision import low_flop_share
 
 QUICK = "--quick" in sys.argv
 MiB = 2 ** 20
-
-
-def median_time(fn, args, reps):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def compare(name, step, args, extra=()):
@@ -50,7 +39,7 @@ def compare(name, step, args, extra=()):
     ref_m = ref_t = None
     for label, fn in rows:
         mem = xla_memory(fn, *args)["temp_bytes"]
-        t = median_time(fn, args, reps)
+        t = median_time(fn, *args, repeats=reps)
         ref_m, ref_t = ref_m or mem, ref_t or t
         print(f"  {label:<28} {mem / MiB:9.2f} {mem / ref_m:6.2f} {1e3 * t:8.2f} {t / ref_t:6.2f}")
     low, tot = low_flop_share(fast.jaxpr(*args))
