@@ -32,10 +32,10 @@ import numpy as np
 import jax
 
 from . import ir
+from .primitives import COMMUTATIVE
 from .errors import GraphoptError
 from .interpreter import Stats
 
-COMMUTATIVE = frozenset({"add", "add_any", "mul", "max", "min", "and", "or", "xor", "eq", "ne"})
 # Params that only restate shapes: a pattern traced at example shapes ignores them
 # ("dimensions" is not one: for rev and squeeze it names axes).
 SHAPE_PARAMS = frozenset({"shape", "new_sizes", "sharding", "out_sharding"})

@@ -250,3 +250,17 @@ def test_attention_neg_inf_fill_left_alone_with_a_note():
     _, _, st = run_pass("fuse_attention", lambda q, k, v, m: attention(q, k, v, m, fill=-jnp.inf),
                         q, k, v, mask)
     assert not st.hits and any("-inf mask fill may empty a row" in n for n in st.notes)
+
+
+@pytest.mark.parametrize("name", ["fuse_attention", "fuse_batchnorm", "fuse_cross_entropy",
+                                  "fuse_matmul_chain", "fuse_parallel_dots", "user_rewrites"])
+def test_each_fusion_has_its_documented_off_switch(name):
+    """``fuse_x=False`` is a valid option that switches the pass off, and says so;
+    anything but a bool is an error naming the option."""
+    f = graphopt.optimize(lambda x: jnp.tanh(x @ x), passes=[name], **{name: False})
+    x = jnp.ones((4, 4))
+    rep = f.report(x)
+    assert not rep.records[0].changed
+    assert f"{name}: switched off by option {name}=False" in rep.notes()
+    with pytest.raises(graphopt.OptionError, match=name):
+        graphopt.optimize(lambda x: x, **{name: "no"})

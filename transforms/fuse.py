@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from graphopt import ir, patterns
 from graphopt.interpreter import Stats
+from graphopt.options import register_option
 from graphopt.passes import Pass, PassContext, PassResult, register_group, register_pass
 
 from . import fuse_attention, fuse_batchnorm, fuse_dots, fuse_xent
@@ -47,6 +48,17 @@ def _runner(name: str, rules):
         return PassResult(out, out is not cj, stats)
     run.__name__ = name
     return run
+
+
+def _switch(value):
+    if not isinstance(value, bool):
+        raise ValueError(f"must be True or False, got {value!r}")
+    return value
+
+
+def _off_switch(name: str) -> None:
+    """``name=False`` switches the pass off (the report says so)."""
+    register_option(name, name, _switch, f"False switches {name} off")
 
 
 def _make_pass(name: str, rules, description: str) -> Pass:
@@ -151,6 +163,10 @@ fuse_attention_auto_pass = register_pass(Pass(
     "fuse_attention_auto", _attention_where_it_pays,
     "fuse_attention where it pays: GPU, or causal attention long enough for the "
     "block-causal kernel (the default pipeline's choice)", "fuse"))
+
+for _name in ("fuse_attention", "fuse_batchnorm", "fuse_cross_entropy", "fuse_matmul_chain",
+              "fuse_parallel_dots", "user_rewrites"):
+    _off_switch(_name)
 
 FUSE_PASSES = ["fuse_attention", "fuse_batchnorm", "fuse_cross_entropy", "fuse_matmul_chain",
                "fuse_parallel_dots", "user_rewrites"]

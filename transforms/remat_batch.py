@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from graphopt import analysis, ir
+from graphopt import analysis, ir, primitives
 
 from .remat_batch_rules import (RULES, Unstreamable, batch_inputs, batch_source,
                                 check_accumulator,
@@ -43,7 +43,7 @@ from .remat_batch_rules import (RULES, Unstreamable, batch_inputs, batch_source,
                                 shape_of)
 from .remat_plan import float_compare
 
-_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call"})
+_CALLS = primitives.CALLS | {"custom_jvp_call"}
 
 
 # ------------------------------------------------------------------ the scan rule

@@ -14,7 +14,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from graphopt import ir
+from graphopt import ir, primitives
 
 
 class Unstreamable(Exception):
@@ -230,13 +230,7 @@ def _multi_identity(e, in_axes, n):  # optimization_barrier and the like: output
     return list(in_axes), list(in_axes)
 
 
-ELEMENTWISE = frozenset("""abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt
-    ceil clamp conj convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc
-    exp exp2 expm1 floor ge gt igamma imag integer_pow is_finite le lgamma log log1p logistic
-    lt max min mul ne neg nextafter not one_minus_square or pow real reduce_precision rem
-    round rsqrt select_n shift_left shift_right_arithmetic shift_right_logical sign sin sinh
-    sqrt square stop_gradient sub tan tanh xor population_count name
-    log2 log2p1 exp2m1 sinpi cospi tanpi asinpi acospi atanpi atan2pi fma""".split())
+ELEMENTWISE = primitives.ELEMENTWISE
 
 RULES = {
     **{p: _elementwise for p in ELEMENTWISE},

@@ -22,7 +22,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from graphopt import analysis, ir
+from graphopt import analysis, ir, primitives
 
 # Primitives never recomputed even though they are pure: recomputing them costs more
 # than it can save, or they carry state of their own.
@@ -40,7 +40,7 @@ def recomputable(eqn) -> bool:
 
 
 # Comparisons whose result flips on a last-bit difference of an operand.
-COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
+COMPARISONS = primitives.COMPARISONS
 
 
 def float_compare(eqn) -> bool:
@@ -251,7 +251,7 @@ def recomputed_segments(jaxpr, plan: Plan, remat) -> list:
 
 
 # Primitives a dots-kept segment never recomputes (like jax.checkpoint's dots_saveable).
-DOTS = frozenset({"dot_general", "conv_general_dilated"})
+DOTS = primitives.DOTS
 
 
 def _dot_without_batch_dims(e) -> bool:
