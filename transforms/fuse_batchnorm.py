@@ -11,6 +11,9 @@ batch statistics), when an intermediate value is read elsewhere, when the operan
 scale folds into is larger than the activation (scaling weights would cost more than
 the elementwise pass it saves), or for ``o / y`` (not affine). Rounding: the folded
 form rounds differently (float32 ~1e-6 relative unless y - mean cancels badly).
+
+``RULES`` also holds ``FoldAffineNext`` (``fuse_batchnorm_next``): a per-channel affine
+after the activation folded forward into the next dense/conv.
 """
 from __future__ import annotations
 
@@ -46,20 +49,22 @@ def _channel_axes(eqn):
 
 
 def _per_channel(view: View, o, shape, c):
-    """``o`` (or the vector it broadcasts) if it varies only along axis ``c``, else None."""
+    """``o`` (or the array it broadcasts) if it varies only along axis ``c``, else None."""
     s = tuple(o.aval.shape)
     if s == ():
         return o
-    if len(s) == len(shape) and all(d == 1 for k, d in enumerate(s) if k != c) and s[c] in (1, shape[c]):
-        e = view.producer_eqn(o)
-        if (e is not None and e.primitive.name == "broadcast_in_dim" and s == tuple(shape)
-                and tuple(e.params["broadcast_dimensions"]) in ((c,), ())):
-            return e.invars[0]
-        return o
+    if len(s) != len(shape):
+        return None
     e = view.producer_eqn(o)
-    if (e is not None and e.primitive.name == "broadcast_in_dim"
-            and tuple(e.params["broadcast_dimensions"]) in ((c,), ())):
-        return e.invars[0]
+    if e is not None and e.primitive.name == "broadcast_in_dim":
+        # Any spelling of the broadcast: (C,) at axis c, or (1, .., C) kept at full rank.
+        eff = [1] * len(s)
+        for k, d in zip(e.params["broadcast_dimensions"], e.invars[0].aval.shape):
+            eff[k] = d
+        if all(d == 1 for k, d in enumerate(eff) if k != c):
+            return e.invars[0]
+    if all(d == 1 for k, d in enumerate(s) if k != c) and s[c] in (1, shape[c]):
+        return o
     return None
 
 
@@ -151,6 +156,9 @@ class FoldAffine(Rule):
         return Match(self.name, frozenset(eqns), [y], folded, [root.invars[0], root.invars[1], *vecs])
 
 
-RULES = [FoldAffine()]
+# The next-layer direction (batch norm after the activation) lives in its own module.
+from .fuse_batchnorm_next import FoldAffineNext  # noqa: E402
 
-__all__ = ["FoldAffine", "RULES"]
+RULES = [FoldAffine(), FoldAffineNext()]
+
+__all__ = ["FoldAffine", "FoldAffineNext", "RULES"]
