@@ -22,6 +22,7 @@ _LAZY = {
     "diff": ("graphopt.viz_diff", "diff"),
     "memory_timeline": ("graphopt.memory", "memory_timeline"),
     "pareto": ("graphopt.memory", "pareto"),
+    "memory_report": ("graphopt.buffers", "memory_report"),
     "rewrite": ("graphopt.patterns", "rewrite"),
     "Precision": ("graphopt.transforms.precision_rules", "Precision"),
     "prune_channels": ("graphopt.transforms.structural", "prune_channels"),
@@ -37,7 +38,7 @@ def __getattr__(name):
 
 
 __all__ = ["optimize", "remat", "Precision", "loss_scaling", "prune_channels", "draw", "diff",
-           "memory_timeline", "pareto", "rewrite", "Optimized", "optimize_jaxpr",
+           "memory_timeline", "memory_report", "pareto", "rewrite", "Optimized", "optimize_jaxpr",
            "default_passes", "Pass", "PassResult",
            "PassContext", "Pipeline", "RuleTable", "Rewriter", "Stats", "register_pass",
            "registered_passes", "Report", "GraphoptError", "PassError", "RewriteError",

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import inspect
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,10 +21,12 @@ import numpy as np
 
 import jax
 
-from . import frameworks, ir
+from . import donation, frameworks, ir, regrad
 from .errors import EquivalenceError, GraphoptError, OptionError
 from .options import check_rtol, implied_passes, validate
-from .passes import Pass, Pipeline, PassContext, placement_of, registered_passes, resolve
+from .interpreter import Stats
+from .passes import (Pass, Pipeline, PassContext, PassRecord, placement_of, registered_passes,
+                     resolve)
 from .report import Report
 
 # Registering the pass families is the reason for these imports.
@@ -46,6 +49,16 @@ class _Entry:
     report: Report
     run: Callable
     checked: bool = False
+    plan: donation.Plan | None = None   # what is donated (None: donation is off)
+    donated: Callable | None = None     # jitted, donating; takes the inputs in `order`
+    order: tuple | None = None          # (inputs, outputs) as the donating program takes them
+
+    def call_donated(self, leaves):
+        res = self.donated(*[leaves[k] for k in self.order[0]])
+        out = [None] * len(res)
+        for t, j in enumerate(self.order[1]):
+            out[j] = res[t]
+        return out
 
 
 def _is_arraylike(x) -> bool:
@@ -66,7 +79,9 @@ class Optimized:
 
     def __init__(self, fun: Callable, *, passes=None, check: bool = False,
                  static_argnums: int | Sequence[int] = (), static_argnames: str | Sequence[str] = (),
-                 jit: bool = True, options: dict | None = None, max_rounds: int = 4):
+                 jit: bool = True, options: dict | None = None, max_rounds: int = 4,
+                 donate=None, donate_argnums: int | Sequence[int] = (),
+                 donate_argnames: str | Sequence[str] = ()):
         if not callable(fun):
             raise TypeError(f"graphopt.optimize expects a function, got {type(fun).__name__}")
         self.fun = fun
@@ -103,12 +118,20 @@ class Optimized:
             self.static_argnums += tuple(
                 i for i, p in enumerate(params) if p.name in self.static_argnames
                 and p.kind is p.POSITIONAL_OR_KEYWORD and i not in self.static_argnums)
+        self.donate, nums, names = donation.check_option(
+            donate, donate_argnums, donate_argnames, jit, f"graphopt.optimize({self.__name__})")
+        self._donate_names = donation.argnames(self._sig, self.static_argnums,
+                                               self.static_argnames, nums, names, self.__name__)
         self._cache: dict = {}
         # jax.jit must see fun's signature to map static args given by name or position.
         inner = functools.wraps(fun)(lambda *a, **k: self._inner(*a, **k))
         self._call = (jax.jit(inner, static_argnums=self.static_argnums or None,
                               static_argnames=self.static_argnames or None)
                       if jit else self._inner)
+
+    @property
+    def donating(self) -> bool:
+        return self.donate == donation.AUTO or bool(self._donate_names)
 
     # ------------------------------------------------------------------ arguments
     def _split(self, args, kwargs):
@@ -189,7 +212,9 @@ class Optimized:
         specs = [jax.ShapeDtypeStruct(s, d, weak_type=w) for s, d, w in key[1]]
         t0 = time.perf_counter()
         try:
-            original, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*specs)
+            # the losses the step differentiates are fused before AD (graphopt.regrad)
+            original, traced, out_shape, pre_ad = regrad.trace(flat_fun, specs,
+                                                               self.pass_specs, self.options)
         except GraphoptError:
             raise
         except Exception as exc:
@@ -199,11 +224,14 @@ class Optimized:
             raise
         trace_s = time.perf_counter() - t0
         out_tree = jax.tree_util.tree_structure(out_shape)
-        ctx = PassContext(placement=placement_of(original), options=self.options,
-                          platform=jax.default_backend(), arg_positions=positions)
+        names = list(dynamic)  # per argument place, its name: the remat note names the batch
+        ctx = PassContext(placement=placement_of(traced), options=self.options,
+                          platform=jax.default_backend(), arg_positions=positions,
+                          arg_names=tuple(names))
         t0 = time.perf_counter()
-        optimized, records = self.pipeline.run(original, ctx)
+        optimized, records = self.pipeline.run(traced, ctx)
         pipe_s = time.perf_counter() - t0
+        records = ([pre_ad] if pre_ad is not None else []) + records
         report = Report(name=self.__name__, placement=ctx.placement, original=original,
                         optimized=optimized, records=records, trace_seconds=trace_s,
                         pipeline_seconds=pipe_s, passes=self.pipeline.names)
@@ -212,10 +240,39 @@ class Optimized:
             return ir.eval_jaxpr(optimized, *flat)
 
         entry = _Entry(original, optimized, out_tree, report, jax.jit(run) if self.jit else run)
+        self._plan_donation(entry, dynamic, leaves, positions, names)
         # Shapes only: keeping the first call's arrays (or tracers) would pin them in memory.
         report.bind_functions(lambda *f: ir.eval_jaxpr(original, *f), run, specs)
         self._cache[key] = entry
         return entry, leaves
+
+    def _plan_donation(self, entry: _Entry, dynamic, leaves, positions, names) -> None:
+        """Decide what to donate (or, donation off, what it would save) and say so in
+        the report as a 'donate' record."""
+        labels = [f"{p[0].key}{jax.tree_util.keystr(p[1:])}"
+                  for p, _ in jax.tree_util.tree_flatten_with_path(dynamic)[0]]
+        explicit = self.donating and self.donate != donation.AUTO
+        requested = [k for k, pos in enumerate(positions)
+                     if names[pos] in self._donate_names] if explicit else None
+        plan = donation.plan(entry.optimized, labels, leaves, requested)
+        stats = Stats()
+        mode = None if not self.donating else ("explicit" if explicit else "auto")
+        for n in donation.notes(plan, mode):
+            stats.note(n)
+        entry.report.records.append(PassRecord("donate", 0, entry.optimized, entry.optimized,
+                                               False, stats, 0.0))
+        if mode is None or not plan.pairs:
+            return
+        entry.plan = plan
+        n_out = len(entry.optimized.out_avals)
+        entry.order = ins, outs = donation.jit_order(len(leaves), n_out, plan.pairs)
+        where = {k: n for n, k in enumerate(ins)}
+        optimized = entry.optimized
+
+        def run_ordered(*xs):  # jax.jit pairs donated inputs with outputs in order
+            res = ir.eval_jaxpr(optimized, *[xs[where[k]] for k in range(len(xs))])
+            return [res[j] for j in outs]
+        entry.donated = jax.jit(run_ordered, donate_argnums=tuple(range(len(plan.pairs))))
 
     # ------------------------------------------------------------------ public
     def _inner(self, *args, **kwargs):
@@ -241,6 +298,12 @@ class Optimized:
             entry, leaves = self._build(args, kwargs)
             if not entry.checked:
                 self._check(entry, leaves)
+        if self.donating:
+            entry, leaves = self._build(args, kwargs)
+            if entry.donated is not None and not any(ir.is_tracer(x) for x in leaves) \
+                    and self._may_donate(entry, leaves):
+                out = entry.call_donated(leaves)
+                return jax.tree_util.tree_unflatten(entry.out_tree, out)
         try:
             # jax.jit's own dispatch caches per signature: no Python overhead per call.
             return self._call(*args, **kwargs)
@@ -256,6 +319,22 @@ class Optimized:
                     "memory_budget)")
             raise
 
+    def _may_donate(self, entry: _Entry, leaves) -> bool:
+        """This call's donated arrays are neither passed twice nor closed over (checked per
+        call: the plan was made on the first call's arrays); else it runs undonated."""
+        ids = [id(x) for x in leaves]
+        seen = Counter(ids)
+        consts = {id(c) for c in entry.optimized.consts}
+        clash = [entry.plan.labels[k] for k in entry.plan.pairs
+                 if seen[ids[k]] > 1 or ids[k] in consts]
+        if clash:
+            note = (f"donate: a call passed {', '.join(clash[:3])} twice or closed over it: "
+                    "that call ran without donation")
+            rec = entry.report.records[-1]
+            if rec.name == "donate" and note not in rec.stats.notes:
+                rec.stats.note(note)
+        return not clash
+
     def _check(self, entry: _Entry, leaves) -> None:
         from . import testing
         concrete = [x for x in leaves]
@@ -265,8 +344,15 @@ class Optimized:
             entry.report.check_inputs = "random inputs (called under a transform)"
         else:
             entry.report.check_inputs = "the first call's inputs"
+        # A post-AD step's outputs hold the gradients it computes; its own derivatives are
+        # second derivatives, which an adaptive optimizer (Adam's g/sqrt(v)) makes
+        # ill-conditioned enough that float32 rounding of a fused kernel shows: not compared.
+        first_order = entry.report.placement != "post-AD"
+        if not first_order:
+            entry.report.check_inputs += ("; outputs only (a post-AD step: its outputs are its "
+                                          "gradients' results, its own derivatives not compared)")
         errs = testing.compare_fns(_keys_as_data(entry.original), _keys_as_data(entry.optimized),
-                                   concrete, rtol=check_rtol(self.options))
+                                   concrete, grads=first_order, rtol=check_rtol(self.options))
         entry.report.check_errors = errs
         entry.checked = True
         bad = [f"{k}: max rel err {v['max_rel_err']:.3g}" for k, v in errs.items() if not v["ok"]]
@@ -292,8 +378,14 @@ class Optimized:
         return self._build(args, kwargs)[0].report
 
     def lower(self, *args, **kwargs):
-        """``jax.jit(...).lower`` of the optimized program (flat arguments)."""
+        """``jax.jit(...).lower`` of the program that runs (flat arguments), donation
+        included: ``.compile().memory_analysis().alias_size_in_bytes`` shows the donated
+        bytes. A donating program takes its flat inputs donated-first and returns the
+        outputs that reuse them first (``jax.jit`` pairs donated inputs with outputs in
+        order)."""
         entry, leaves = self._build(args, kwargs)
+        if self.donating and entry.donated is not None:
+            return entry.donated.lower(*[leaves[k] for k in entry.order[0]])
         return jax.jit(entry.run).lower(*leaves)
 
     def __repr__(self):
@@ -330,7 +422,9 @@ def _pass_list(passes) -> list:
 
 def optimize(fun: Callable | None = None, *, passes=None, check: bool = False,
              static_argnums: int | Sequence[int] = (), static_argnames: str | Sequence[str] = (),
-             jit: bool = True, max_rounds: int = 4, **options):
+             jit: bool = True, max_rounds: int = 4, donate=None,
+             donate_argnums: int | Sequence[int] = (), donate_argnames: str | Sequence[str] = (),
+             **options):
     """Rewrite ``fun`` with graphopt's passes; use as ``@optimize`` or ``@optimize(...)``.
 
     Args:
@@ -340,6 +434,11 @@ def optimize(fun: Callable | None = None, *, passes=None, check: bool = False,
       static_argnums / static_argnames: arguments that are Python values, not arrays
         (hashed into the cache key, like ``jax.jit``).
       jit: wrap the optimized program in ``jax.jit`` (default True).
+      donate: ``"auto"`` donates every input leaf an output of the same shape and dtype
+        replaces (parameters, optimizer state); without it the report says what donating
+        would save. donate_argnums / donate_argnames: donate these arguments, as
+        ``jax.jit`` does. A donated array is deleted by the call: reusing it raises JAX's
+        own error.
       **options: pass options, e.g. ``fold_max_bytes=...``.
 
     flax NNX objects and equinox modules are taken as ``nnx.jit`` and ``eqx.filter_jit``
@@ -349,7 +448,8 @@ def optimize(fun: Callable | None = None, *, passes=None, check: bool = False,
     if passes is not None:
         passes = _pass_list(passes)
     kwargs = dict(passes=passes, check=check, static_argnums=static_argnums,
-                  static_argnames=static_argnames, jit=jit, options=options, max_rounds=max_rounds)
+                  static_argnames=static_argnames, jit=jit, options=options, max_rounds=max_rounds,
+                  donate=donate, donate_argnums=donate_argnums, donate_argnames=donate_argnames)
     if fun is None:
         return lambda f: Optimized(f, **kwargs)
     return Optimized(fun, **kwargs)

@@ -194,9 +194,11 @@ def removable_if_dead(eqn) -> bool:
 def source_line(eqn) -> str:
     """'file.py:LINE (function)' of the user code that produced ``eqn``, or ''."""
     try:
-        return _siu.summarize(eqn.source_info)
+        text = _siu.summarize(eqn.source_info)
     except Exception:  # source info is best-effort in JAX itself
         return ""
+    # the file's name, not its path on this machine (reports and notebooks are shared)
+    return re.sub(r"[^\s:()]*[/\\]([^/\\\s:()]+\.py)", r"\1", text)
 
 
 def name_stack(eqn) -> str:
@@ -416,7 +418,17 @@ def make_jaxpr_from(template: Jaxpr, *, constvars=None, invars=None, outvars=Non
 
 
 def closed(jaxpr: Jaxpr, consts: Sequence = ()) -> ClosedJaxpr:
-    return ClosedJaxpr(jaxpr, list(consts))
+    return ClosedJaxpr(jaxpr, [canonical_const(c) for c in consts])
+
+
+def canonical_const(c):
+    """A constant as JAX's tracers accept it: a jax.Array, not a NumPy array (a pass
+    folding on NumPy values would otherwise break a later trace of the program, e.g.
+    differentiating it again)."""
+    if isinstance(c, (np.ndarray, np.generic)):
+        with jax.ensure_compile_time_eval():  # a concrete array even under an outer trace
+            return jax.numpy.asarray(c)
+    return c
 
 
 def check(cj: ClosedJaxpr | Jaxpr) -> None:

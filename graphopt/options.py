@@ -200,9 +200,9 @@ def validate(options: dict, where: str) -> dict:
     for name, value in options.items():
         opt = OPTIONS.get(name)
         if opt is None:
-            if name in ("donate_argnums", "donate_argnames"):
-                raise OptionError(f"{where}: {name} is not supported yet (graphopt would drop "
-                                  f"it); donate through jax.jit(optimized, {name}=...) instead")
+            if name in ("donate", "donate_argnums", "donate_argnames"):
+                raise OptionError(f"{where}: {name} is an argument of graphopt.optimize, not a "
+                                  "pass option; graphopt.remat and optimize_jaxpr do not donate")
             raise OptionError(f"{where}: unknown option {name!r}{_suggest(name)}; valid "
                               f"options: {', '.join(sorted(OPTIONS))}")
         try:

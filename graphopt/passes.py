@@ -27,6 +27,7 @@ class PassContext:
     example_args: tuple | None = None      # flat concrete args, when known
     platform: str = "cpu"
     arg_positions: tuple | None = None     # per flat input: its argument's place in the call
+    arg_names: tuple | None = None         # per argument place (arg_positions' values), its name
 
     def option(self, name: str, default=None):
         return self.options.get(name, default)

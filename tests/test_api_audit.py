@@ -41,7 +41,7 @@ def test_memory_budget_on_a_loss_steers_what_grad_saves():
 
 @pytest.mark.parametrize("options, word", [
     ({"memory_budjet": 0.25}, "did you mean 'memory_budget'"),
-    ({"donate_argnums": (0,)}, "donate_argnums is not supported"),
+    ({"donate": "yes"}, "donate must be 'auto', None or False"),
     ({"remat_micro_batches": True}, "without memory_budget"),
     ({"memory_budget": 0.5, "remat_solver": "fast"}, "'auto', 'milp', 'greedy'"),
     ({"fold_max_bytes": "lots"}, "cannot read fold_max_bytes"),

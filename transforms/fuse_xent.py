@@ -45,7 +45,10 @@ from graphopt.patterns import Match, Rule, View
 # Shared with fuse_attention (which imports them): the hint for post-AD jaxprs, the notes
 # a rule leaves when it refuses a candidate, and the log-softmax matcher.
 POST_AD_HINT = ("the jaxpr already holds the backward pass, which reads the forward's "
-                "intermediates; apply graphopt.optimize to the loss before jax.grad "
+                "intermediates, and fuse_before_ad (the loss a step hands to jax.grad / "
+                "jax.value_and_grad fused before AD) did not reach it: jax.vjp, a grad "
+                "imported by name before tracing, or fuse_before_ad=False; apply "
+                "graphopt.optimize to the loss before jax.grad "
                 "(jax.grad(graphopt.optimize(loss))) so the fused kernel brings its own backward")
 def note(view: View, i: int, rule: str, text: str) -> None:
     """Record ``text`` about the candidate rooted at equation ``i`` for the pass's notes."""

@@ -44,13 +44,10 @@ class XentRegionRule(Rule):
     def find(self, view: View, i: int) -> Match | None:
         from .fuse_xent import POST_AD_HINT, note
         d = view.eqns[i]
-        h, w = d.invars
-        (lc, rc), (lb, rb) = d.params["dimension_numbers"]
-        if lb or rb or w.aval.ndim != 2 or tuple(lc) != (h.aval.ndim - 1,) or h.aval.ndim < 2:
+        proj = _projection(view, i)
+        if proj is None or not jnp.issubdtype(d.outvars[0].aval.dtype, jnp.floating):
             return None
-        if not jnp.issubdtype(d.outvars[0].aval.dtype, jnp.floating):
-            return None
-        w_vd = tuple(rc) == (1,)
+        h, w, w_vd = proj[:3]
         v = int(w.aval.shape[0 if w_vd else 1])
         n_tok = int(np.prod(h.aval.shape[:-1]))
         chunk = view.option("xent_chunk", None)
@@ -59,7 +56,7 @@ class XentRegionRule(Rule):
         chunk = int(min(chunk, v))
         if 4 * n_tok * v < view.option("xent_min_bytes", 32 << 20) or v < 2 * chunk:
             return None  # logits small enough that chunking would only cost time
-        m = _Region(view, i, v, w_vd, chunk)
+        m = _Region(view, i, v, chunk, proj)
         try:
             found = m.run()
         except Refuse as why:
@@ -71,16 +68,38 @@ class XentRegionRule(Rule):
         return found
 
 
+def _projection(view, i):
+    """``(h, w, w_vd, z, transpose)`` of an output projection rooted at equation ``i``:
+    ``h @ W`` with ``W`` as [d, V] or [V, d], or ``W[V, d] · h`` giving [V, ...] and a
+    transpose putting V last (equinox's Linear under vmap); else None."""
+    d = view.eqns[i]
+    a, b = d.invars
+    (lc, rc), (lb, rb) = d.params["dimension_numbers"]
+    if lb or rb:
+        return None
+    if b.aval.ndim == 2 and a.aval.ndim >= 2 and tuple(lc) == (a.aval.ndim - 1,):
+        return a, b, tuple(rc) == (1,), d.outvars[0], None
+    n = b.aval.ndim
+    if a.aval.ndim == 2 and n >= 2 and tuple(lc) == (1,) and tuple(rc) == (n - 1,):
+        us = view.users.get(d.outvars[0], [])
+        t = view.eqns[us[0]] if len(us) == 1 and d.outvars[0] not in view.outputs else None
+        if (t is not None and t.primitive.name == "transpose"
+                and tuple(t.params["permutation"]) == tuple(range(1, n)) + (0,)):
+            return b, a, True, t.outvars[0], us[0]
+    return None
+
+
 class _Region:
-    def __init__(self, view, i, v, w_vd, chunk):
-        self.view, self.i, self.v, self.w_vd, self.chunk = view, i, v, w_vd, chunk
+    def __init__(self, view, i, v, chunk, proj):
+        self.view, self.i, self.v, self.chunk = view, i, v, chunk
+        self.h, self.w, self.w_vd, self.z0, extra = proj
         self.forms, self.rowfun = {}, {}
-        self.eqns = {i}
+        self.eqns = {i} if extra is None else {i, extra}
         self.vregion, self.rowcand, self.labeqns = set(), set(), set()
         self.outside = {}
         self.zy_key = None
         self.chain, self.vecs = [], []
-        self.z = view.eqns[i].outvars[0]
+        self.z = self.z0
         self.candidate = False   # set once a softmax, logsumexp or label read is seen
 
     # -------------------------------------------------------------- helpers
@@ -97,14 +116,27 @@ class _Region:
 
     def vocab_vector(self, atom):
         """A [.., V] operand that varies only along the vocabulary: its [V] source or None."""
-        e = self.view.producer_eqn(atom)
-        if e is None or e.primitive.name != "broadcast_in_dim":
-            return None
-        x = e.invars[0]
-        nd = atom.aval.ndim
-        if (ir.is_var(x) and x.aval.shape == (self.v,) and tuple(e.params["broadcast_dimensions"]) == (nd - 1,)):
-            return x, self.view.producer[atom]
-        return None
+        # [V] broadcast or reshaped with the vocabulary as the last axis, possibly in steps
+        # ([V] -> [1, V] -> [1, 1, V]: flax nnx and equinox add their bias so, broadcast by
+        # the add itself)
+        cur = atom
+        while True:
+            e = self.view.producer_eqn(cur)
+            if e is None or e.primitive.name not in ("broadcast_in_dim", "reshape"):
+                return None
+            x, out = e.invars[0], cur.aval.shape
+            if not ir.is_var(x) or not x.aval.shape or x.aval.shape[-1] != self.v:
+                return None
+            if any(n != 1 for n in x.aval.shape[:-1]):
+                return None
+            if e.primitive.name == "broadcast_in_dim":
+                if tuple(e.params["broadcast_dimensions"])[-1] != len(out) - 1:
+                    return None
+            elif out != (1,) * (len(out) - 1) + (self.v,):
+                return None
+            if x.aval.shape == (self.v,):
+                return x, self.view.producer[atom]
+            cur = x
 
     def follow_chain(self, cur):
         view = self.view
@@ -385,8 +417,8 @@ class _Region:
 
     def compute_stats(self, E):
         d = self.view.eqns[self.i]
-        h, w = E.get(d.invars[0]), E.get(d.invars[1])
-        base = tuple(d.outvars[0].aval.shape[:-1])
+        h, w = E.get(self.h), E.get(self.w)
+        base = tuple(self.z0.aval.shape[:-1])
         if self.zy_key is not None:
             _, y, sel = self.zy_key
             use_rows = _apply_sel(jnp.zeros(base + (1,)), sel).shape[:-1]
@@ -406,7 +438,7 @@ class _Region:
     # -------------------------------------------------------------- the walk
     def run(self):
         view = self.view
-        z = self.follow_chain(view.eqns[self.i].outvars[0])
+        z = self.follow_chain(self.z0)
         self.z = z
         self.forms[z] = Aff(None, None, ())
         exits = set()
@@ -478,10 +510,9 @@ class _Region:
         outs = [o for k in sorted(self.vregion | sand) for o in view.eqns[k].outvars
                 if ir.is_var(o) and not self.is_v(o)
                 and (o in view.outputs or any(u not in mine for u in view.users.get(o, ())))]
-        d = view.eqns[self.i]
-        args = list(dict.fromkeys([d.invars[0], d.invars[1], *self.vecs, *self.outside]))
+        args = list(dict.fromkeys([self.h, self.w, *self.vecs, *self.outside]))
         args = [a for a in args if ir.is_var(a)]
-        lits = [a for a in [d.invars[0], d.invars[1]] if not ir.is_var(a)]
+        lits = [a for a in [self.h, self.w] if not ir.is_var(a)]
         if lits:
             raise Refuse("literal operands of the projection")
 

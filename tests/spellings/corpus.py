@@ -71,6 +71,11 @@ def output_bias(h, w, b, y):
     return optax.softmax_cross_entropy_with_integer_labels(h @ w + b, y).mean()
 
 
+def reshaped_bias(h, w, b, y):
+    """flax nnx's Linear: the bias reshaped to [1, 1, V] and broadcast by the add."""
+    return optax.softmax_cross_entropy_with_integer_labels(h @ w + b.reshape(1, 1, -1), y).mean()
+
+
 def cast_logits(h, w, b, y):
     z = (h.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)).astype(jnp.float32)
     return -_take(_lsm(z), y).mean()
@@ -100,4 +105,4 @@ def flattened_tokens(h, w, b, y):
 SPELLINGS = {f.__name__: f for f in [
     optax_integer, optax_one_hot, one_hot_log_softmax, one_hot_total_sum, take_along_axis,
     logsumexp_minus_label, shifted_logits, shifted_before, masked_mean, label_smoothing, z_loss,
-    output_bias, cast_logits, tied_transposed, einsum_tied, flattened_tokens, row_indexed]}
+    output_bias, reshaped_bias, cast_logits, tied_transposed, einsum_tied, flattened_tokens, row_indexed]}

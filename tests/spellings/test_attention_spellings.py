@@ -243,3 +243,23 @@ def test_spelling_fuses_pre_ad(spelling):
         grad_jaxpr = jax.make_jaxpr(jax.grad(opt, argnums=argnums))(*args)
         assert scores_eqns(jax.make_jaxpr(jax.grad(loss, argnums=argnums))(*args))
         assert not scores_eqns(grad_jaxpr)
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS, ids=lambda f: f.__name__)
+def test_spelling_fuses_post_ad(spelling):
+    """The training step decorated (value_and_grad inside): the loss is fused before AD,
+    outputs and gradients equal the step as written, and a block-causal spelling leaves
+    no [T, S] value anywhere in the step, forward or backward."""
+    loss, args, block_wise = spelling()
+    argnums = tuple(n for n, a in enumerate(args)
+                    if all(jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(a)))
+    step = jax.value_and_grad(loss, argnums=argnums)
+    opt = graphopt.optimize(lambda *a: step(*a), passes=["prune", "fuse_attention"])
+    report = opt.report(*args)
+    first = report.records[0]
+    assert first.name == "fuse_before_ad", report.notes()
+    assert sum(n for k, n in first.stats.hits.items() if k.startswith("fuse.attention")) == 1
+    assert_close_tree(jax.jit(step)(*args), opt(*args), RTOL.get(spelling, 1e-5))
+    assert scores_eqns(report.original)
+    if block_wise:
+        assert not scores_eqns(opt.jaxpr(*args))

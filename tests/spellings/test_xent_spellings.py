@@ -155,11 +155,39 @@ def test_dense_targets_left_unfused_with_reason():
     assert any("dense targets" in n for n in rep.notes()), rep.notes()
 
 
-def test_post_ad_step_says_which_condition_failed():
+def sgd_step(f):
+    """A training step as users write it: value_and_grad of the loss, then an update."""
     def step(h, w, b, y):
-        loss, gw = jax.value_and_grad(SPELLINGS["optax_integer"], argnums=1)(h, w, b, y)
-        return loss, w - 0.1 * gw
-    g, rep = fused(step, *data(), hits=0)
+        loss, (gh, gw, gb) = jax.value_and_grad(f, argnums=(0, 1, 2))(h, w, b, y)
+        return loss, gh, w - 0.1 * gw, b - 0.1 * gb
+    return step
+
+
+@pytest.mark.parametrize("name", sorted(SPELLINGS))
+def test_spelling_fuses_post_ad(name):
+    """The step decorated: the loss it differentiates is fused before AD, no [tokens, V]
+    value is left anywhere in the step, and its outputs are the step's as written."""
+    step = sgd_step(SPELLINGS[name])
+    args = data()
+    g = graphopt.optimize(step, **OPTS)
+    rep = g.report(*args)
+    assert rep.records[0].name == "fuse_before_ad", rep.notes()
+    assert rep.records[0].stats.hits["fuse.cross_entropy"] >= 1, rep.notes()
+    assert big_vars(rep.original)
+    assert big_vars(g.jaxpr(*args)) == []
+    rtol = 2e-2 if name == "cast_logits" else 1e-5
+    for x, z in zip(jax.jit(step)(*args), g(*args)):
+        assert testing.max_rel_error(x, z) <= rtol, name
+
+
+def test_post_ad_step_says_which_condition_failed():
+    step = sgd_step(SPELLINGS["optax_integer"])   # reached only before AD: switched off here
+    g = graphopt.optimize(step, fuse_before_ad=False, **OPTS)
+    rep = g.report(*data())
+    assert rep.hits().get("fuse.cross_entropy", 0) == 0
+    notes = [n for n in rep.notes() if "cross_entropy" in n and "not applied" in n]
+    # The first backward equation reading the softmax is named, with the fix.
+    assert notes and "[rows, 100]" in notes[0] and "before jax.grad" in notes[0], rep.notes()
     notes = [n for n in rep.notes() if "cross_entropy" in n and "not applied" in n]
     # The first backward equation reading the softmax is named, with the fix.
     assert notes and "[rows, 100]" in notes[0] and "before jax.grad" in notes[0], rep.notes()

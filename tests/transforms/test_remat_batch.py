@@ -339,7 +339,7 @@ def test_the_note_names_the_argument_taken_as_the_batch():
     assert rec.stats.hits["remat.micro_batches"] >= 2
     n_leaves = len(jax.tree_util.tree_leaves(args[2]))
     note = next(n for n in rec.stats.notes if "runs as" in n)
-    assert (f"(argument 2, the last array argument of the call: {n_leaves} leaves split along "
+    assert (f"(argument 'batch', the last array argument of the call: {n_leaves} leaves split along "
             "their leading axis; the 2 argument(s) before it are not split") in note, note
     for x, y in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(step(*args))):
         assert testing.max_rel_error(x, y) <= 2e-5
