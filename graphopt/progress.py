@@ -1,10 +1,11 @@
 """Progress bars (tqdm) for what a user waits for: training loops, solvers, benchmarks.
 
 ``track(iterable)`` and ``bar(total)`` are tqdm with graphopt's defaults (text bars,
-which render in terminals and in executed notebooks alike); they are off when stderr
-is neither a terminal nor a notebook (logs, ``python bench/x.py > out.txt``), and
-``GRAPHOPT_PROGRESS=0`` / ``=1`` turns every bar off / on. ``train`` runs an optax-style step function over
-batches with the loss in the bar; ``time_fn`` / ``compare_times`` measure medians
+which render in terminals and live notebooks alike); they are off when stderr is
+neither a terminal nor a notebook (logs, ``python bench/x.py > out.txt``), and
+``GRAPHOPT_PROGRESS=0`` / ``=1`` turns every bar off / on (``notebooks/execute.py``
+sets 0, so saved notebooks hold no bar fragments). ``train`` runs an optax-style step
+function over batches with the loss in the bar; ``time_fn`` / ``compare_times`` measure medians
 after warm-up with ``jax.block_until_ready``. Nothing here changes a program.
 """
 from __future__ import annotations

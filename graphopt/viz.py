@@ -33,6 +33,8 @@ MARK_COLORS = {"removed": "#f87171", "fused": "#c084fc", "recomputed": "#38bdf8"
 # Which mark a pass family leaves on what it removes / what it adds.
 _FAMILY_MARKS = {"prune": ("removed", "added"), "fuse": ("fused", "fused"),
                  "remat": ("removed", "recomputed"), "precision": ("cast", "cast")}
+# Node budget of depth="auto": what stays legible at notebook width (full(): everything).
+MAX_NODES = 100
 _INTERNAL_SCOPES = frozenset({"rematted_computation", "checkpoint", "remat"})
 
 
@@ -268,7 +270,7 @@ def _q(s: str) -> str:
 
 
 _NODE_STYLE = {
-    "eqn": 'shape=box style="rounded,filled" fillcolor="#ffffff"',
+    "eqn": 'shape=box style=filled fillcolor="#ffffff"',  # square: a short polygon in SVG
     "input": 'shape=ellipse style=filled fillcolor="#e5e7eb"',
     "const": 'shape=ellipse style=filled fillcolor="#f3f4f6"',
     "output": 'shape=ellipse style=filled fillcolor="#d1d5db"',
@@ -377,9 +379,29 @@ def _render(source: str, what: str) -> str:
     if not dot_available():
         raise DotNotFoundError(_dot_missing_message(what))
     try:
-        return graphviz.Source(source).pipe(format="svg", encoding="utf-8")
+        return _slim_svg(graphviz.Source(source).pipe(format="svg", encoding="utf-8"))
     except graphviz.ExecutableNotFound as exc:
         raise DotNotFoundError(_dot_missing_message(what)) from exc
+
+
+_GEOMETRY = re.compile(r'\b(points|d|x|y|cx|cy|rx|ry|transform)="([^"]*)"')
+_NUMBER = re.compile(r"-?[0-9]+[.][0-9]+")
+_FONT = ' font-family="Helvetica,sans-Serif"'
+
+
+def _slim_svg(svg: str) -> str:
+    """The same picture in fewer bytes (saved notebooks): no comments, no ids or titles of
+    graphviz's own (hover text is kept), whole-point coordinates, the font named once."""
+    svg = re.sub(r"<!--.*?-->\n?", "", svg, flags=re.S)
+    svg = re.sub(r'<title>[^<]*</title>\n?|\sid="[^"]*"', "", svg)
+    svg = _GEOMETRY.sub(lambda m: m[1] + '="' + _NUMBER.sub(lambda n: str(round(float(n[0]))), m[2])
+                        + '"', svg)
+    svg = re.sub(r'font-size="([0-9]+)[.]00"', r'font-size="\1"', svg)
+    if _FONT in svg:
+        svg = svg.replace(_FONT, "")
+        svg = re.sub(r"(<svg\b[^>]*>)", r"\1\n<style>text{font-family:Helvetica,sans-serif}</style>",
+                     svg, count=1)
+    return svg
 
 
 class _Rendered:
@@ -402,11 +424,9 @@ class _Rendered:
             f.write(self.svg if path.endswith(".svg") else self.source)
         return path
 
-    def _repr_svg_(self) -> str:
-        return self.svg
-
-    def _repr_html_(self) -> str:
-        return f'<div style="overflow:auto;max-height:900px">{self.svg}</div>'
+    # One rich representation per object (IPython stores every one a class defines, so an
+    # SVG offered as both image/svg+xml and text/html would be saved twice): Drawing shows
+    # itself as SVG, Diff as HTML (the SVG and its per-pass table).
 
 
 class Drawing(_Rendered):
@@ -440,6 +460,17 @@ class Drawing(_Rendered):
     def collapsed(self) -> list[str]:
         """Paths of the clusters drawn as one node."""
         return sorted(self.model.groups[g].path for g in self.view.visible if g in self.model.groups)
+
+    def _repr_svg_(self) -> str:
+        return self.svg
+
+    def full(self, render: bool = True) -> Drawing:
+        """The same program with every cluster open (``depth=None``), however many nodes."""
+        out = Drawing(self.model, _View(self.model, None, (), self.view.edge_labels),
+                      self.title, None)
+        if render:
+            out.svg  # noqa: B018 - render now, as draw does
+        return out
 
     def __repr__(self):
         return f"<Drawing {self.title!r} {self.counts} depth={self.depth}>"
@@ -489,7 +520,7 @@ def _patterns(collapse) -> tuple[str, ...]:
 
 
 def draw(f, *args, depth="auto", collapse: str | Iterable[str] | None = None,
-         max_nodes: int = 400, edge_labels: bool = True, show_io: bool | None = None,
+         max_nodes: int = MAX_NODES, edge_labels: bool = True, show_io: bool | None = None,
          render: bool = True, title: str | None = None) -> Drawing:
     """Draw ``f``'s jaxpr on ``args``: equations as nodes, values (shape, dtype) as edges.
 
@@ -498,7 +529,8 @@ def draw(f, *args, depth="auto", collapse: str | Iterable[str] | None = None,
     jaxpr), a :class:`~graphopt.Report` (its optimized jaxpr) or a ClosedJaxpr.
     ``depth``: cluster levels drawn open (0: every top-level named scope or sub-jaxpr is
     one node; ``None``: everything open; ``"auto"``: the deepest level with at most
-    ``max_nodes`` nodes). ``collapse``: glob patterns of cluster names or paths
+    ``max_nodes`` nodes, default 100 so a drawing reads at notebook width;
+    ``drawing.full()`` or ``depth=None`` draws everything). ``collapse``: glob patterns of cluster names or paths
     ("block*", "forward/block0/attention", "update") drawn as one node at any depth.
     ``show_io``: draw program inputs and outputs as nodes (default: when there are at
     most 40 of them; a training step's parameter and optimizer-state leaves are many).
@@ -523,4 +555,4 @@ def diff(*args, **kwargs):
 
 
 __all__ = ["draw", "diff", "Drawing", "DotNotFoundError", "dot_available", "PHASE_COLORS",
-           "MARK_COLORS"]
+           "MARK_COLORS", "MAX_NODES"]

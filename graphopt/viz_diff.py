@@ -10,7 +10,7 @@ import collections
 import html
 
 from . import ir
-from .viz import (MARK_COLORS, _FAMILY_MARKS, Node,
+from .viz import (MARK_COLORS, MAX_NODES, _FAMILY_MARKS, Node,
                   _as_closed_jaxpr, _Model, _patterns, _pick_depth, _q, _Rendered, _View,
                   short_source)
 
@@ -80,7 +80,7 @@ class Diff(_Rendered):
     _what = "graphopt.diff"
 
     def __init__(self, before: _Model, after: _Model, records=None, depth="auto",
-                 collapse=None, max_nodes: int = 400, edge_labels: bool = True, title="diff"):
+                 collapse=None, max_nodes: int = MAX_NODES, edge_labels: bool = True, title="diff"):
         super().__init__()
         self.before, self.after = before, after
         removed, added = _match(before, after)
@@ -151,15 +151,15 @@ class Diff(_Rendered):
         return (f"<table><thead><tr><th>pass</th>{''.join(f'<th>{k}</th>' for k in cats)}</tr></thead>"
                 f"<tbody>{rows}</tbody></table>")
 
-    def _repr_html_(self) -> str:
-        return super()._repr_html_() + self.table_html()
+    def _repr_html_(self) -> str:  # the only rich representation: the SVG is stored once
+        return f'<div style="overflow:auto;max-height:900px">{self.svg}</div>' + self.table_html()
 
     def __repr__(self):
         return f"<Diff {self.summary} by pass {dict((k, dict(v)) for k, v in self.by_pass.items())}>"
 
 
 def diff(before, after=None, *args, records=None, depth="auto", collapse=None,
-         max_nodes: int = 400, edge_labels: bool = True, show_io: bool | None = None,
+         max_nodes: int = MAX_NODES, edge_labels: bool = True, show_io: bool | None = None,
          render: bool = True, title: str | None = None) -> Diff:
     """Draw ``before`` and ``after`` side by side, marking what the passes changed.
 

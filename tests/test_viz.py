@@ -1,5 +1,6 @@
 """graphopt.draw / graphopt.diff: node and cluster structure, rendered SVG, marks."""
 import functools
+import re
 import xml.etree.ElementTree as ET
 
 import jax
@@ -79,7 +80,11 @@ def test_rendered_svg_is_wellformed_with_expected_nodes(seed_mlp):
     assert sum("input" in c for c in nodes) == 7
     assert clusters.count("jit: relu") == 2
     assert d._repr_svg_().lstrip().startswith("<?xml") or "<svg" in d._repr_svg_()
-    assert "<svg" in d._repr_html_()
+    # one rich representation only: a notebook stores every one a class offers
+    assert not hasattr(d, "_repr_html_")
+    # slimmed for saved notebooks: no comments, the font named once, coordinates to 0.1
+    assert "<!--" not in d.svg and "font-family=" not in d.svg and "text{font-family" in d.svg
+    assert not re.search(r'points="[^"]*[.][0-9]{2}', d.svg)
 
 
 def test_named_scopes_and_subjaxprs_are_clusters():
@@ -125,6 +130,10 @@ def test_training_step_forward_backward_update(gpt_step):
     # "auto" opens as much as max_nodes allows
     auto = graphopt.draw(cj, max_nodes=150, render=False)
     assert sum(auto.counts.values()) <= 150
+    # the default budget collapses this step; full() is every equation again
+    default = graphopt.draw(cj, render=False)
+    assert sum(default.counts.values()) <= viz.MAX_NODES < full.counts["eqn"]
+    assert default.full(render=False).counts == full.counts
     # phases are tinted clusters
     assert viz.PHASE_COLORS["backward"] in blocks.source
 
@@ -207,7 +216,8 @@ def test_diff_svg_side_by_side():
     nodes, clusters = svg_nodes(d.svg)
     assert {"before", "after", "marks"} <= set(clusters)
     assert sum("removed" in c for c in nodes) == 4
-    assert "<table>" in d._repr_html_()
+    assert "<table>" in d._repr_html_() and "<svg" in d._repr_html_()
+    assert not hasattr(d, "_repr_svg_")  # the SVG is stored once, inside the HTML
 
 
 def test_drawing_an_optimized_function_draws_its_optimized_jaxpr():
