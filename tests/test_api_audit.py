@@ -81,6 +81,7 @@ def test_fold_max_bytes_reads_units():
     np.testing.assert_allclose(f(jnp.ones(8)), 1.0 + np.arange(8.0) * 2.0)
 
 
+@pytest.mark.slow  # minutes of compiles: the full leg only (CI leg 1)
 def test_infeasible_budget_reaches_the_caller_as_budget_error():
     p, b = _deep()
     s = mlp.init_opt_state(p)

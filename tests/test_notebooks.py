@@ -17,6 +17,7 @@ MAX_TOTAL_BYTES = 1_000_000  # all notebooks together, outputs included
 QUIET_ENV = {"GRAPHOPT_PROGRESS": "0", "JAX_PPRINT_USE_COLOR": "0"}  # as notebooks/execute.py
 
 
+@pytest.mark.slow  # minutes of compiles: the full leg only (CI leg 1)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch):
     nb = nbformat.read(path, as_version=4)

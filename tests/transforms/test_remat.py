@@ -187,6 +187,7 @@ _MEASURE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # minutes of compiles: the full leg only (CI leg 1)
 def test_xla_temp_memory_really_drops():
     env = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false")
     out = subprocess.run([sys.executable, "-c", _MEASURE], capture_output=True, text=True,
@@ -270,6 +271,7 @@ def _cond_out_bytes(cj):
                for v in e.outvars)
 
 
+@pytest.mark.slow  # minutes of compiles: the full leg only (CI leg 1)
 def test_fusible_tail_leaves_the_fence_and_keeps_results():
     from graphopt.models import cnn
     k = jax.random.PRNGKey(0)

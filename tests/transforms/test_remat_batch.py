@@ -53,6 +53,7 @@ def _first(e):
     return re.fullmatch(r"remat/stream\d+/first(/.*)?", ir.name_stack(e))
 
 
+@pytest.mark.slow  # minutes of compiles: the full leg only (CI leg 1)
 @pytest.mark.parametrize("name", ["mlp", "gpt", "gpt_scan", "rnn"])
 def test_gradient_accumulation_recomputes_nothing(name):
     # no batch norm: the loss and every gradient are sums over the batch reached in one
@@ -86,6 +87,7 @@ def test_embedding_gradient_is_a_scatter_sum():
     assert any(h.outs == ["sum"] and h.base == {0: 0} for h in scat)
 
 
+@pytest.mark.slow  # minutes of compiles: the full leg only (CI leg 1)
 def test_batch_norm_cnn_streams_in_loops_and_shrinks():
     step, args = _step("cnn")
     cj = jax.make_jaxpr(step)(*args)
@@ -111,6 +113,7 @@ def test_batch_norm_cnn_streams_in_loops_and_shrinks():
     assert remat.xla_temp(remat_batch.stream(cj, 4, an)) <= 0.5 * remat.xla_temp(cj)
 
 
+@pytest.mark.slow  # minutes of compiles: the full leg only (CI leg 1)
 def test_pass_micro_batches_below_the_keep_floor():
     step, args = _step("cnn")
     cj = jax.make_jaxpr(step)(*args)
@@ -310,6 +313,7 @@ def test_a_batched_carry_that_turns_global_is_refused():
         remat_batch.analyse(jax.make_jaxpr(f)(_W, _X))
 
 
+@pytest.mark.slow  # minutes of compiles: the full leg only (CI leg 1)
 def test_micro_batches_over_the_scan_rewrite_recompute_less():
     # at 20% plain micro-batches do not reach, and the scan rewrite alone recomputes every
     # layer from its carry; keeping the dot outputs and running micro-batches meets the

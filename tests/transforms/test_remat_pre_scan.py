@@ -26,6 +26,7 @@ def _scan_bodies(cj):
     return [e.params["jaxpr"].jaxpr for e in cj.jaxpr.eqns if e.primitive.name == "scan"]
 
 
+@pytest.mark.slow  # minutes of compiles: the full leg only (CI leg 1)
 def test_scan_body_checkpointed_within_budget(scanned):
     loss, p, b = scanned
     r = graphopt.remat(loss, memory_budget=0.3)

@@ -392,6 +392,7 @@ _MEASURE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # minutes of compiles: the full leg only (CI leg 1)
 def test_xla_temp_drops_on_scan_gpt_and_rnn():
     env = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false")
     out = subprocess.run([sys.executable, "-c", _MEASURE], capture_output=True, text=True,
