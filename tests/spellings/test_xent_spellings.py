@@ -98,6 +98,18 @@ def test_label_dtypes(name, dtypes):
         equal(f, g, *bad_inputs(h, w, b, y))
 
 
+def test_int64_labels_under_x64():
+    """int64 / uint64 labels exist only with x64 on (the rest of the program float32):
+    fused, and the loss and gradients are the unfused program's, bad labels included."""
+    with jax.enable_x64(True):
+        for dt in ("int64", "uint64"):
+            h, w, b, y = data(label_dtype=dt)
+            assert y.dtype == np.dtype(dt)
+            f = SPELLINGS["optax_integer"]
+            g, _ = fused(f, h, w, b, y)
+            equal(f, g, *bad_inputs(h, w, b, y))
+
+
 def masked_vocab_where(h, w, b, y):
     z = jnp.where(b > -jnp.inf, h @ w, -jnp.inf)
     return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
