@@ -116,13 +116,17 @@ def loss_by_hand(params, batch, chunk):
     return chunked_cross_entropy(hidden_by_hand(params, inputs), params["w_out"], targets, chunk=chunk)
 
 
-def bench_cross_entropy():
+def big_vocab_gpt():
+    """(params, batch) of the GPT of sections 2 and 4: vocabulary 32768, 8 x 512 tokens."""
     k = jax.random.PRNGKey(0)
     s = dict(n_layers=2, d_model=256, n_heads=4, seq_len=512, vocab=32768, batch=8)
     if QUICK:
         s.update(seq_len=128, vocab=8192)
-    p = gpt.init(k, **s)
-    batch = gpt.example_batch(k, **{n: s[n] for n in ("batch", "seq_len", "vocab")})
+    return gpt.init(k, **s), gpt.example_batch(k, **{n: s[n] for n in ("batch", "seq_len", "vocab")})
+
+
+def bench_cross_entropy():
+    p, batch = big_vocab_gpt()
     fused_loss = graphopt.optimize(gpt.loss, passes=["fuse_cross_entropy"])
     chunk = 1024  # what the cost model picks for 4096 tokens (16 MiB float32 chunks)
     grads = {"baseline jax.grad(loss)": jax.grad(gpt.loss),
@@ -179,12 +183,7 @@ def bench_attention():
 # ------------------------------------------------------------ 4. the whole step
 
 def bench_train_step():
-    k = jax.random.PRNGKey(0)
-    s = dict(n_layers=2, d_model=256, n_heads=4, seq_len=512, vocab=32768, batch=8)
-    if QUICK:
-        s.update(seq_len=128, vocab=8192)
-    p = gpt.init(k, **s)
-    batch = gpt.example_batch(k, **{n: s[n] for n in ("batch", "seq_len", "vocab")})
+    p, batch = big_vocab_gpt()
     args = (p, gpt.init_opt_state(p), batch)
     step = graphopt.optimize(gpt.train_step)
     rows = [("baseline jax.jit(step)", analysis.xla_memory(gpt.train_step, *args)["temp_bytes"]),

@@ -131,6 +131,16 @@ def find_packs(jaxpr, can_pack: Callable | None = None) -> list[Pack]:
     return packs
 
 
+def components(n: int, pairs) -> list[int]:
+    """Per node 0..n-1, the label of its connected component under the joined ``pairs``."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    pairs = list(pairs)
+    rows, cols = [a for a, _ in pairs], [b for _, b in pairs]
+    graph = coo_matrix((np.ones(len(pairs)), (rows, cols)), shape=(n, n))
+    return list(connected_components(graph, directed=False)[1]) if n else []
+
+
 def lanes(jaxpr, packs: list[Pack]) -> list[list[list[int]]]:
     """Repeated branches: packs joined lane to lane (member i of one reads member i of
     another) form a region; per region, per lane, its equations (packed ones, plus
@@ -141,20 +151,15 @@ def lanes(jaxpr, packs: list[Pack]) -> list[list[list[int]]]:
     for p, pk in enumerate(packs):
         for lane, i in enumerate(pk.members):
             where[i] = (p, lane)
-    parent = list(range(len(packs)))
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
+    joined = []
     for p, pk in enumerate(packs):  # join packs fed lane by lane
         for lane, i in enumerate(pk.members):
             for a in jaxpr.eqns[i].invars:
                 src = where.get(g.producer.get(a)) if ir.is_var(a) else None
                 if src is not None and src[1] == lane and len(packs[src[0]].members) == len(pk.members):
-                    parent[find(p)] = find(src[0])
-    lane_of: dict[int, tuple[int, int]] = {i: (find(p), lane) for i, (p, lane) in where.items()}
+                    joined.append((p, src[0]))
+    region = components(len(packs), joined)
+    lane_of: dict[int, tuple[int, int]] = {i: (int(region[p]), lane) for i, (p, lane) in where.items()}
     for i, e in enumerate(jaxpr.eqns):  # unpacked equations inside one lane (e.g. a custom_jvp)
         if i in lane_of:
             continue
@@ -253,5 +258,5 @@ def analyze(f, *args) -> ParallelismReport:
                              path, independent_branches(jaxpr), groups, jaxpr)
 
 
-__all__ = ["analyze", "ParallelismReport", "BranchGroup", "Pack", "find_packs", "lanes",
+__all__ = ["analyze", "ParallelismReport", "BranchGroup", "Pack", "find_packs", "lanes", "components",
            "signature", "dag_depths", "same_atom", "MARK"]

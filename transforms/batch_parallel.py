@@ -40,7 +40,7 @@ from jax import lax
 from graphopt import ir
 from graphopt.interpreter import Stats
 from graphopt.options import register_option
-from graphopt.parallelism import MARK, dag_depths, find_packs, same_atom
+from graphopt.parallelism import MARK, components, dag_depths, find_packs, same_atom
 from graphopt.passes import Pass, PassContext, PassResult, register_pass
 
 from . import batch_parallel_rules as rules
@@ -214,21 +214,12 @@ def _batch_level(cj, ctx: PassContext, stats: Stats, mode) -> ir.ClosedJaxpr:
 def _paying(packs, plans, times) -> list:
     """The packs of the regions (packs feeding each other stacked) that pay as a whole:
     an elementwise pack saves nothing alone but spares its neighbours' copies."""
-    parent = list(range(len(packs)))
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-    for p, pl in enumerate(plans):
-        for op in pl:
-            if op[0] in ("stacked", "slice"):
-                parent[find(p)] = find(op[1])
+    region = components(len(packs), [(p, op[1]) for p, pl in enumerate(plans) for op in pl
+                                     if op[0] in ("stacked", "slice")])
     gain = collections.Counter()
     for p, (b, a) in enumerate(times):
-        gain[find(p)] += b - a
-    return [pk for p, pk in enumerate(packs) if gain[find(p)] >= 0]
+        gain[region[p]] += b - a
+    return [pk for p, pk in enumerate(packs) if gain[region[p]] >= 0]
 
 
 def _plan(eqns, packs, g):
