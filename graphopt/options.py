@@ -105,6 +105,7 @@ class Option:
 
 
 _AUTO_BOOL = _one_of("auto", True, False)
+SWITCH = _one_of(True, False)  # an on/off option (a pass's off-switch, say)
 _PRECISIONS = {"bfloat16": 5e-2, "float16": 2e-2}  # compute dtype -> rtol of check=True
 
 
@@ -154,7 +155,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            "'bfloat16', 'float16' or graphopt.Precision(...): compute dtype of dots, convs "
            "and the elementwise ops between them; adds the precision pass",
            adds_pass="precision", check_rtol=_precision_rtol),
-    Option("fuse_attention_auto", "fuse_attention_auto", _one_of(True, False),
+    Option("fuse_attention_auto", "fuse_attention_auto", SWITCH,
            "say in the report why attention stays unfused"),
 ]}
 

@@ -25,7 +25,7 @@ import jax
 
 from .errors import GraphoptError
 from .interpreter import Stats
-from .options import register_option
+from .options import SWITCH, register_option
 
 # Passes that must see the forward before AD to pay (the rest run on the whole step).
 PRE_AD_PASSES = ("fuse_attention", "fuse_attention_auto", "fuse_cross_entropy")
@@ -33,13 +33,7 @@ _TARGETS = ("grad", "value_and_grad")
 _LOCK = threading.RLock()  # jax's module attributes are process-wide: one patcher at a time
 
 
-def _switch(value):
-    if not isinstance(value, bool):
-        raise ValueError(f"must be True or False, got {value!r}")
-    return value
-
-
-register_option("fuse_before_ad", "fuse_before_ad", _switch,
+register_option("fuse_before_ad", "fuse_before_ad", SWITCH,
                 "False: leave the functions a step differentiates as written")
 
 

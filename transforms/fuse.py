@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from graphopt import ir, patterns
 from graphopt.interpreter import Stats
-from graphopt.options import register_option
+from graphopt.options import SWITCH, register_option
 from graphopt.passes import Pass, PassContext, PassResult, register_group, register_pass
 
 from . import fuse_attention, fuse_batchnorm, fuse_dots, fuse_xent
@@ -50,15 +50,9 @@ def _runner(name: str, rules):
     return run
 
 
-def _switch(value):
-    if not isinstance(value, bool):
-        raise ValueError(f"must be True or False, got {value!r}")
-    return value
-
-
 def _off_switch(name: str) -> None:
     """``name=False`` switches the pass off (the report says so)."""
-    register_option(name, name, _switch, f"False switches {name} off")
+    register_option(name, name, SWITCH, f"False switches {name} off")
 
 
 def _make_pass(name: str, rules, description: str) -> Pass:
