@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import inspect
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,12 +20,10 @@ import numpy as np
 
 import jax
 
-from . import donation, frameworks, ir, regrad
+from . import donation, frameworks, ir, regrad, sharding
 from .errors import EquivalenceError, GraphoptError, OptionError
 from .options import check_rtol, implied_passes, validate
-from .interpreter import Stats
-from .passes import (Pass, Pipeline, PassContext, PassRecord, placement_of, registered_passes,
-                     resolve)
+from .passes import Pass, Pipeline, PassContext, placement_of, registered_passes, resolve
 from .report import Report
 
 # Registering the pass families is the reason for these imports.
@@ -128,6 +125,11 @@ class Optimized:
         self._call = (jax.jit(inner, static_argnums=self.static_argnums or None,
                               static_argnames=self.static_argnames or None)
                       if jit else self._inner)
+        # a remat budget is per device: plan once per placement of the inputs
+        self._placed = (sharding.PerPlacement(lambda: jax.jit(
+            inner, static_argnums=self.static_argnums or None,
+            static_argnames=self.static_argnames or None))
+            if jit and self.options.get("memory_budget") is not None else None)
 
     @property
     def donating(self) -> bool:
@@ -191,19 +193,26 @@ class Optimized:
         except TypeError:
             raise TypeError(f"graphopt.optimize({self.__name__}): static arguments must be "
                             f"hashable, got {[k for k, _ in static]}") from None
-        return (treedef, tuple(_leaf_spec(x) for x in leaves), static)
+        # placement matters to per-device remat plans only (jax.jit places the rest)
+        placed = sharding.of(leaves) if self._placed is not None else None
+        return (treedef, tuple(_leaf_spec(x) for x in leaves), static, placed)
 
     # ------------------------------------------------------------------ building
-    def _build(self, args, kwargs) -> tuple[_Entry, list]:
+    def _leaves(self, args, kwargs):
         dynamic, static, rebuild = self._split(args, kwargs)
         prep = frameworks.prepare(dynamic, self.__name__)
         if prep is not None:  # nnx objects / equinox modules as slots: state and static parts
             dynamic = prep.dynamic
-        leaves, treedef, positions = self._flatten(dynamic)
+        return (dynamic, static, rebuild) + self._flatten(dynamic)
+
+    def _build(self, args, kwargs) -> tuple[_Entry, list]:
+        dynamic, static, rebuild, leaves, treedef, positions = self._leaves(args, kwargs)
         key = self._key(leaves, treedef, static)
         entry = self._cache.get(key)
         if entry is not None:
             return entry, leaves
+
+        sharding.check_not_per_device(leaves, self.__name__)
 
         def flat_fun(*flat):
             a, kw = rebuild(jax.tree_util.tree_unflatten(treedef, list(flat)))
@@ -227,7 +236,7 @@ class Optimized:
         names = list(dynamic)  # per argument place, its name: the remat note names the batch
         ctx = PassContext(placement=placement_of(traced), options=self.options,
                           platform=jax.default_backend(), arg_positions=positions,
-                          arg_names=tuple(names))
+                          arg_names=tuple(names), in_shardings=key[3])
         t0 = time.perf_counter()
         optimized, records = self.pipeline.run(traced, ctx)
         pipe_s = time.perf_counter() - t0
@@ -240,39 +249,15 @@ class Optimized:
             return ir.eval_jaxpr(optimized, *flat)
 
         entry = _Entry(original, optimized, out_tree, report, jax.jit(run) if self.jit else run)
-        self._plan_donation(entry, dynamic, leaves, positions, names)
+        requested = None  # auto: donation.plan picks; explicit: the named arguments' leaves
+        if self.donating and self.donate != donation.AUTO:
+            requested = [k for k, pos in enumerate(positions) if names[pos] in self._donate_names]
+        donation.attach(entry, dynamic, leaves, requested,
+                        None if not self.donating else ("explicit" if requested is not None else "auto"))
         # Shapes only: keeping the first call's arrays (or tracers) would pin them in memory.
         report.bind_functions(lambda *f: ir.eval_jaxpr(original, *f), run, specs)
         self._cache[key] = entry
         return entry, leaves
-
-    def _plan_donation(self, entry: _Entry, dynamic, leaves, positions, names) -> None:
-        """Decide what to donate (or, donation off, what it would save) and say so in
-        the report as a 'donate' record."""
-        labels = [f"{p[0].key}{jax.tree_util.keystr(p[1:])}"
-                  for p, _ in jax.tree_util.tree_flatten_with_path(dynamic)[0]]
-        explicit = self.donating and self.donate != donation.AUTO
-        requested = [k for k, pos in enumerate(positions)
-                     if names[pos] in self._donate_names] if explicit else None
-        plan = donation.plan(entry.optimized, labels, leaves, requested)
-        stats = Stats()
-        mode = None if not self.donating else ("explicit" if explicit else "auto")
-        for n in donation.notes(plan, mode):
-            stats.note(n)
-        entry.report.records.append(PassRecord("donate", 0, entry.optimized, entry.optimized,
-                                               False, stats, 0.0))
-        if mode is None or not plan.pairs:
-            return
-        entry.plan = plan
-        n_out = len(entry.optimized.out_avals)
-        entry.order = ins, outs = donation.jit_order(len(leaves), n_out, plan.pairs)
-        where = {k: n for n, k in enumerate(ins)}
-        optimized = entry.optimized
-
-        def run_ordered(*xs):  # jax.jit pairs donated inputs with outputs in order
-            res = ir.eval_jaxpr(optimized, *[xs[where[k]] for k in range(len(xs))])
-            return [res[j] for j in outs]
-        entry.donated = jax.jit(run_ordered, donate_argnums=tuple(range(len(plan.pairs))))
 
     # ------------------------------------------------------------------ public
     def _inner(self, *args, **kwargs):
@@ -301,13 +286,17 @@ class Optimized:
         if self.donating:
             entry, leaves = self._build(args, kwargs)
             if entry.donated is not None and not any(ir.is_tracer(x) for x in leaves) \
-                    and self._may_donate(entry, leaves):
+                    and donation.may_donate(entry, leaves):
                 out = entry.call_donated(leaves)
                 return jax.tree_util.tree_unflatten(entry.out_tree, out)
         try:
+            if self._placed is not None:
+                return self._placed(self._leaves(args, kwargs)[3], *args, **kwargs)
             # jax.jit's own dispatch caches per signature: no Python overhead per call.
             return self._call(*args, **kwargs)
         except (TypeError, ValueError) as exc:
+            if isinstance(exc, GraphoptError):  # already names the problem: do not rebuild
+                raise
             entry, _ = self._build(args, kwargs)  # raises a graphopt error naming a bad argument
             made = _passes_adding(entry.report.records, "custom_vjp_call")
             if "forward-mode" in str(exc) and made:
@@ -318,22 +307,6 @@ class Optimized:
                     "jacfwd); for forward mode optimize without them (passes=..., no "
                     "memory_budget)")
             raise
-
-    def _may_donate(self, entry: _Entry, leaves) -> bool:
-        """This call's donated arrays are neither passed twice nor closed over (checked per
-        call: the plan was made on the first call's arrays); else it runs undonated."""
-        ids = [id(x) for x in leaves]
-        seen = Counter(ids)
-        consts = {id(c) for c in entry.optimized.consts}
-        clash = [entry.plan.labels[k] for k in entry.plan.pairs
-                 if seen[ids[k]] > 1 or ids[k] in consts]
-        if clash:
-            note = (f"donate: a call passed {', '.join(clash[:3])} twice or closed over it: "
-                    "that call ran without donation")
-            rec = entry.report.records[-1]
-            if rec.name == "donate" and note not in rec.stats.notes:
-                rec.stats.note(note)
-        return not clash
 
     def _check(self, entry: _Entry, leaves) -> None:
         from . import testing

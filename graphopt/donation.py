@@ -21,9 +21,13 @@ import collections
 import dataclasses
 import numbers
 
+import jax
+
 from . import ir
 from .cost import fmt_bytes
 from .errors import OptionError
+from .interpreter import Stats
+from .passes import PassRecord
 
 AUTO = "auto"
 
@@ -242,4 +246,50 @@ def notes(p: Plan, mode: str) -> list[str]:
     return out
 
 
-__all__ = ["argnames", "Plan", "plan", "match", "jit_order", "notes", "check_option", "AUTO"]
+# ------------------------------------------------------------------ on an optimize entry
+
+def attach(entry, dynamic, leaves, requested, mode) -> None:
+    """Decide what ``entry`` (an optimize cache entry) donates (or, ``mode`` None, what
+    donating would save) and say so in its report as a 'donate' record; ``requested``:
+    the flat inputs named by donate_argnums/argnames (None: "auto" picks)."""
+    labels = [f"{p[0].key}{jax.tree_util.keystr(p[1:])}"
+              for p, _ in jax.tree_util.tree_flatten_with_path(dynamic)[0]]
+    chosen = plan(entry.optimized, labels, leaves, requested)
+    stats = Stats()
+    for n in notes(chosen, mode):
+        stats.note(n)
+    entry.report.records.append(PassRecord("donate", 0, entry.optimized, entry.optimized,
+                                           False, stats, 0.0))
+    if mode is None or not chosen.pairs:
+        return
+    entry.plan = chosen
+    entry.order = ins, outs = jit_order(len(leaves), len(entry.optimized.out_avals),
+                                        chosen.pairs)
+    where = {k: n for n, k in enumerate(ins)}
+    optimized = entry.optimized
+
+    def run_ordered(*xs):  # jax.jit pairs donated inputs with outputs in order
+        res = ir.eval_jaxpr(optimized, *[xs[where[k]] for k in range(len(xs))])
+        return [res[j] for j in outs]
+    entry.donated = jax.jit(run_ordered, donate_argnums=tuple(range(len(chosen.pairs))))
+
+
+def may_donate(entry, leaves) -> bool:
+    """This call's donated arrays are neither passed twice nor closed over (checked per
+    call: the plan was made on the first call's arrays); else it runs undonated."""
+    ids = [id(x) for x in leaves]
+    seen = collections.Counter(ids)
+    consts = {id(c) for c in entry.optimized.consts}
+    clash = [entry.plan.labels[k] for k in entry.plan.pairs
+             if seen[ids[k]] > 1 or ids[k] in consts]
+    if clash:
+        note = (f"donate: a call passed {', '.join(clash[:3])} twice or closed over it: "
+                "that call ran without donation")
+        rec = entry.report.records[-1]
+        if rec.name == "donate" and note not in rec.stats.notes:
+            rec.stats.note(note)
+    return not clash
+
+
+__all__ = ["argnames", "Plan", "plan", "match", "jit_order", "notes", "check_option", "AUTO",
+           "attach", "may_donate"]

@@ -175,6 +175,29 @@ def impure(eqn) -> bool:
     return effectful(eqn) or eqn.primitive.name in RANDOM_PRIMITIVES
 
 
+def varying_axes(x) -> frozenset:
+    """Mesh axes along which ``x`` varies inside ``jax.shard_map`` (empty elsewhere):
+    ``manual_axis_type.varying`` in JAX 0.10-0.12, ``vma`` in earlier releases."""
+    aval = aval_of(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(getattr(mat, "varying", ()) or ())
+    return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def pins_placement(eqn) -> bool:
+    """True for a call (``jax.jit(..., in_shardings=, out_shardings=, donate_argnums=)``)
+    whose params fix where its values live or which inputs it donates: inlining its body
+    would drop them, so rewrites keep the call and work inside it."""
+    p = eqn.params
+    if any(isinstance(s, jax.sharding.Sharding)
+           for k in ("in_shardings", "out_shardings") for s in p.get(k, ()) or ()):
+        return True
+    if any(la is not None for k in ("in_layouts", "out_layouts") for la in p.get(k, ()) or ()):
+        return True
+    return any(p.get("donated_invars", ()) or ())
+
+
 def contains_unknown(eqn) -> bool:
     """True if a sub-jaxpr of ``eqn`` (at any depth) holds a primitive graphopt does not know."""
     for _, _, sub in subjaxpr_params(eqn):

@@ -219,6 +219,13 @@ class ParallelismReport:
         out.update({eqns[i]: f"group {g}, branch {lane}" for i, (g, lane) in self.eqn_branch.items()})
         return out
 
+    def draw(self, **draw_kwargs):
+        """``graphopt.draw`` of the analysed jaxpr with the branches and the critical path
+        highlighted (keyword arguments as :func:`graphopt.viz.draw`)."""
+        from .viz import draw
+        draw_kwargs.setdefault("title", "parallelism")
+        return draw(self.jaxpr, highlight=self, **draw_kwargs)
+
     def __repr__(self):
         lines = [f"ParallelismReport: {self.n_eqns} eqns, work {fmt_flops(self.total_flops)}, "
                  f"critical path {fmt_flops(self.critical_path_flops)} "
@@ -258,5 +265,12 @@ def analyze(f, *args) -> ParallelismReport:
                              path, independent_branches(jaxpr), groups, jaxpr)
 
 
-__all__ = ["analyze", "ParallelismReport", "BranchGroup", "Pack", "find_packs", "lanes", "components",
+def draw(f, *args, **draw_kwargs):
+    """Draw ``f`` on ``args`` with its repeated branches and critical path highlighted:
+    ``analyze(f, *args).draw(**draw_kwargs)``."""
+    draw_kwargs.setdefault("title", getattr(f, "__name__", None) or "parallelism")
+    return analyze(f, *args).draw(**draw_kwargs)
+
+
+__all__ = ["analyze", "draw", "ParallelismReport", "BranchGroup", "Pack", "find_packs", "lanes", "components",
            "signature", "dag_depths", "same_atom", "MARK"]

@@ -28,6 +28,7 @@ class PassContext:
     platform: str = "cpu"
     arg_positions: tuple | None = None     # per flat input: its argument's place in the call
     arg_names: tuple | None = None         # per argument place (arg_positions' values), its name
+    in_shardings: tuple | None = None      # per flat input: its sharding over several devices, or None
 
     def option(self, name: str, default=None):
         return self.options.get(name, default)

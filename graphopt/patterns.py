@@ -31,7 +31,7 @@ import numpy as np
 
 import jax
 
-from . import ir
+from . import ir, primitives
 from .primitives import COMMUTATIVE
 from .errors import GraphoptError
 from .interpreter import Stats
@@ -105,7 +105,8 @@ def inline_jits(cj: ir.ClosedJaxpr, allow_consts: bool = True) -> tuple[ir.Close
 
     def emit(e):
         nonlocal changed
-        if e.primitive.name == "jit" and not ir.effectful(e) and not is_fused_call(e):
+        if (e.primitive.name == "jit" and not ir.effectful(e) and not is_fused_call(e)
+                and not ir.pins_placement(e)):  # shardings/donation would be lost
             body = e.params["jaxpr"]
             if body.consts and not allow_consts:
                 eqns.append(e)
@@ -481,6 +482,11 @@ def apply_rules(cj: ir.ClosedJaxpr, rules: Sequence[Rule], stats: Stats | None =
     sub_changed = False
     if recurse:
         for k, e in enumerate(eqns):
+            if e.primitive.name in primitives.PER_DEVICE_BODIES and ir.has_subjaxprs(e):
+                # replacements are traced outside the map, without its varying axes
+                stats.note(f"{e.primitive.name} body left as written: rewrites are not "
+                           f"traced per device")
+                continue
             if ir.has_subjaxprs(e) and e.primitive.name in ir.known_primitives() and not is_fused_call(e):
                 new = ir.map_subjaxprs(e, lambda j, is_open: apply_rules(
                     j, rules, stats, ctx, allow_consts=not is_open))

@@ -40,6 +40,8 @@ REDUCTIONS = frozenset("""
     psum_scatter""".split())
 DOTS = frozenset({"dot_general", "conv_general_dilated"})
 CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
+# Bodies traced per device (their values carry the map's varying axes).
+PER_DEVICE_BODIES = frozenset({"shard_map", "xla_pmap"})
 
 __all__ = ["ARITHMETIC", "TRANSCENDENTAL", "ELEMENTWISE_MOVES", "ELEMENTWISE", "COMPARISONS",
-           "COMMUTATIVE", "DATA_MOVEMENT", "REDUCTIONS", "DOTS", "CALLS"]
+           "COMMUTATIVE", "DATA_MOVEMENT", "REDUCTIONS", "DOTS", "CALLS", "PER_DEVICE_BODIES"]

@@ -8,6 +8,7 @@ costs nothing until someone looks at it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import os
 from collections import Counter
@@ -74,6 +75,41 @@ class Report:
             out.extend(n for n in r.stats.notes if n not in out)
         return out
 
+    @functools.cached_property
+    def parallelism(self):
+        """:func:`graphopt.parallelism.analyze` of the original program (computed once)."""
+        from .parallelism import analyze
+        return analyze(self.original)
+
+    def batching(self) -> dict:
+        """What ``batch_parallel`` did over its runs: {"batched": packs batched,
+        "declined": regions the cost model declined, "ran": whether it ran at all}."""
+        runs = [r for r in self.records if r.name == "batch_parallel"]
+        return {"ran": bool(runs),
+                "batched": sum(d["packs"] for r in runs for d in r.stats.details.get("batched", [])),
+                "declined": sum(len(r.stats.details.get("declined", [])) for r in runs)}
+
+    def parallelism_line(self) -> str:
+        """One line: work, critical path, available parallelism, repeated-branch groups and
+        what batch_parallel did with them. Analysed here only up to
+        PARALLELISM_MAX_EQNS equations (``report.parallelism`` always analyses)."""
+        if "parallelism" not in self.__dict__ and self.eqns_before > PARALLELISM_MAX_EQNS:
+            return (f"parallelism: not analysed for {self.eqns_before} equations "
+                    "(report.parallelism computes it)")
+        try:
+            p = self.parallelism
+        except Exception as exc:  # noqa: BLE001 - a display line must not break printing the report
+            return f"parallelism: not analysed ({type(exc).__name__}: {exc})"
+        line = (f"parallelism: work {analysis.fmt_flops(p.total_flops)}, critical path "
+                f"{analysis.fmt_flops(p.critical_path_flops)}, available parallelism "
+                f"{p.parallelism:.2f}, {len(p.repeated)} repeated-branch groups")
+        b = self.batching()
+        if b["batched"]:
+            line += f" (batch_parallel batched {b['batched']} packs)"
+        elif b["declined"]:
+            line += " (batch_parallel declined: no gain expected)"
+        return line
+
     def xla_memory(self) -> dict:
         """XLA's compiled memory figures before and after (compiles both programs)."""
         if self._fns is None:
@@ -108,6 +144,7 @@ class Report:
             f"FLOPs: {analysis.fmt_flops(cb.flops)} -> {analysis.fmt_flops(ca.flops)}   "
             f"bytes: {analysis.fmt_bytes(cb.bytes)} -> {analysis.fmt_bytes(ca.bytes)}",
             f"  trace {self.trace_seconds * 1e3:.1f} ms, pipeline {self.pipeline_seconds * 1e3:.1f} ms",
+            f"  {self.parallelism_line()}",
             "",
             f"  {'pass':<12}{'round':>6}{'eqns':>16}{'FLOPs':>24}{'ms':>9}  rule hits",
         ]
@@ -138,7 +175,8 @@ class Report:
                 f"<p><b>placement</b>: {e(self.placement)} &nbsp; <b>equations</b>: "
                 f"{self.eqns_before} → {self.eqns_after} &nbsp; <b>FLOPs</b>: "
                 f"{e(analysis.fmt_flops(cb.flops))} → {e(analysis.fmt_flops(ca.flops))} &nbsp; "
-                f"<b>pipeline</b>: {self.pipeline_seconds * 1e3:.1f} ms</p>")
+                f"<b>pipeline</b>: {self.pipeline_seconds * 1e3:.1f} ms</p>"
+                f"<p>{e(self.parallelism_line())}</p>")
         rows = "".join(
             f"<tr><td>{e(r['pass_'])}</td><td>{r['round']}</td><td>{r['eqns_before']} → {r['eqns_after']}</td>"
             f"<td>{e(analysis.fmt_flops(r['flops_before']))} → {e(analysis.fmt_flops(r['flops_after']))}</td>"
@@ -164,6 +202,8 @@ class Report:
                     f"</title><style>{_CSS}</style></head><body>{self._repr_html_()}</body></html>")
         return path
 
+
+PARALLELISM_MAX_EQNS = 5000  # str(report) analyses parallelism only up to this size
 
 _CSS = ("body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} "
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} th{background:#eee}")

@@ -13,6 +13,7 @@ from graphopt import __main__ as cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: leg 1 only (.ci/run)
 def test_demo_one_model_writes_table_and_html(tmp_path, capsys):
     rows = cli.demo(str(tmp_path), models=["mlp"])
     out = capsys.readouterr().out

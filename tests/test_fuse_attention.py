@@ -35,6 +35,7 @@ def hits(stats):
     return sum(n for k, n in stats.hits.items() if k.startswith("fuse.attention"))
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: leg 1 only (.ci/run)
 def test_gpt_causal_attention_fused_every_layer():
     key = jax.random.PRNGKey(0)
     sizes = dict(n_layers=2, d_model=16, n_heads=2, seq_len=8, vocab=32)
@@ -51,6 +52,7 @@ def test_gpt_causal_attention_fused_every_layer():
     assert len(scores_exps(cj)) == 1 and not scores_exps(out)
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: leg 1 only (.ci/run)
 def test_bf16_gpt_attention_fused_despite_float32_softmax_sum():
     # bf16 softmax sums in float32 (convert -> reduce_sum -> convert): still attention.
     key = jax.random.PRNGKey(0)
@@ -291,6 +293,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st_  # noqa: 
        s_l=st_.permutations("bnts"), o_l=st_.permutations("btnh"),
        scale_at=st_.sampled_from(["scores", "q", "k"]),
        mask=st_.sampled_from(["none", "causal", "additive_causal", "bias"]))
+@pytest.mark.slow  # over 25 s on 2 cores: leg 1 only (.ci/run)
 def test_attention_in_any_layout_fuses_and_matches(q_l, k_l, v_l, s_l, o_l, scale_at, mask):
     # Distinct sizes (B=2, T=5, S=6, N=3, H=4): a mixed-up axis cannot go unnoticed.
     q_l, k_l, v_l, s_l, o_l = map("".join, (q_l, k_l, v_l, s_l, o_l))

@@ -134,6 +134,7 @@ def test_xent_keeps_dot_precision():
 
 # ------------------------------------------------------------------- 9: forward-mode AD
 
+@pytest.mark.slow  # over 25 s on 2 cores: leg 1 only (.ci/run)
 def test_xent_forward_mode_and_grad_without_full_logits():
     h, w = arr(256, 16), arr(16, 2048)
     y = jnp.asarray(R.integers(0, 2048, 256), jnp.int32)

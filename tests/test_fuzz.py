@@ -85,6 +85,7 @@ def test_fuzzer_catches_a_wrong_pass():
     assert not summ.ok and "mismatches" in summ.line()
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: leg 1 only (.ci/run)
 def test_shrinking_gives_a_smaller_failing_program():
     prog, out = _first_failure()
     small, small_out = fuzz.shrink(prog, out, seconds=90)
@@ -144,6 +145,7 @@ def _cli(*args, register_broken=False):
                           timeout=600)
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: leg 1 only (.ci/run)
 def test_cli_summary_and_exit_status(tmp_path):
     ok = _cli("--n", "3", "--seed", "1", "--kind", "fn", "--passes", "prune")
     assert ok.returncode == 0, ok.stdout + ok.stderr

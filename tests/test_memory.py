@@ -29,6 +29,7 @@ def test_timeline_before_after_marks_recomputation(args):
     assert graphopt.memory_timeline is memory.memory_timeline
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: leg 1 only (.ci/run)
 def test_pareto_rows_monotone(args):
     rows = memory.pareto(mlp.train_step_deep, *args, budgets=(1.0, 0.8, 1))
     assert rows[0]["flops_recomputed"] == 0 and rows[0]["error"] is None

@@ -58,6 +58,7 @@ def test_gpt_step_fuses_attention_and_cross_entropy_through_ad(gpt_args):
     assert_same(jax.jit(gpt.train_step), step, *gpt_args)
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: leg 1 only (.ci/run)
 def test_check_compares_against_the_step_as_written(gpt_args):
     step = graphopt.optimize(gpt.train_step, passes=PASSES, check=True, **OPTS)
     step(*gpt_args)

@@ -150,7 +150,7 @@ def test_training_step_svg_clusters(gpt_step):
 
 def test_missing_dot_gives_clear_error(monkeypatch, seed_mlp):
     params, (x, _) = seed_mlp
-    monkeypatch.setattr(viz.shutil, "which", lambda name: None)
+    monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(viz.DotNotFoundError, match="graphviz.*dot.*apt-get install graphviz"):
         graphopt.draw(mlp.apply, params, x)
     d = graphopt.draw(mlp.apply, params, x, render=False)  # DOT text needs no `dot`

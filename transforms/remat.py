@@ -42,18 +42,20 @@ equations are duplicated, inside the fence).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax.numpy as jnp
 from jax import lax
 
 from graphopt import analysis, ir
+from graphopt.errors import OptionError
 from graphopt.interpreter import Stats
 from graphopt.passes import Pass, PassContext, PassResult, register_pass
 
 from . import remat_micro, remat_plan, remat_scan
-from .remat_budget import (MEASURES, BudgetError, choose, estimated_temp, finish,
-                           next_target, parse_budget, xla_temp)
+from .remat_budget import (MEASURES, BudgetError, choose, devices_of, estimated_temp, finish,
+                           next_target, parse_budget, per_device, xla_temp)
 from .remat_plan import Plan, backward_start, build_plan, float_compare, recomputed_segments
 from .remat_solvers import solve_greedy
 
@@ -301,6 +303,31 @@ def _rematerialized(jaxpr) -> bool:
 
 
 def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
+    """The remat pass; on inputs sharded over several devices the budget is per device
+    (programs are measured as the SPMD program XLA compiles for one device)."""
+    n = devices_of(ctx)
+    if n == 1 or ctx.option("memory_budget") is None:
+        return _remat_pass(cj, ctx)
+    micro_opt = ctx.option("remat_micro_batches", "auto")
+    if micro_opt is not False and micro_opt != "auto":
+        raise OptionError(f"remat: remat_micro_batches={micro_opt!r} with inputs sharded over "
+                         f"{n} devices: slicing a sharded batch into micro-batches would move "
+                         f"it between devices; pass remat_micro_batches=False")
+    # a micro-batch of a sharded batch lives on some devices only: recompute instead
+    ctx = dataclasses.replace(ctx, options={**ctx.options, "remat_micro_batches": False})
+    with per_device(ctx):
+        try:
+            res = _remat_pass(cj, ctx)
+        except BudgetError as e:  # say which memory the figures are
+            raise BudgetError(f"{e} (per device: inputs sharded over {n} devices)",
+                              budget_bytes=e.budget_bytes, floor_bytes=e.floor_bytes,
+                              base_bytes=e.base_bytes) from None
+    res.stats.note(f"remat: inputs sharded over {n} devices: the budget and every figure "
+                   f"are per device; no micro-batches (a sharded batch is not sliced)")
+    return res
+
+
+def _remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
     stats = Stats()
     budget = ctx.option("memory_budget")
     if budget is None:

@@ -144,7 +144,7 @@ def _flatten(jaxpr) -> tuple[list, list]:
             e = e.replace(invars=[sub.get(a, a) if ir.is_var(a) else a for a in e.invars])
             inner = next((j for _, _, j in ir.subjaxpr_params(e)), None)
             if (e.primitive.name in _CALLS and not ir.effectful(e) and inner is not None
-                    and not ir.as_closed(inner).consts):
+                    and not ir.as_closed(inner).consts and not ir.pins_placement(e)):
                 new, outs = ir.copy_eqns(ir.as_closed(inner).jaxpr, e.invars)
                 walk(new)
                 for v, o in zip(e.outvars, outs):

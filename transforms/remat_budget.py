@@ -4,6 +4,9 @@ the plan's byte model to XLA's figure (:func:`choose`), for the post-AD pass
 (:mod:`.remat_pre`)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 
 from graphopt import analysis, ir, progress
@@ -17,14 +20,42 @@ from .remat_solvers import solve, solve_greedy
 
 # ----------------------------------------------------------------------- calibration
 
-def _specs(cj):
-    return [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
-            for a in cj.in_avals]
+# The flat inputs' shardings while a remat pass runs on a program whose inputs live on
+# several devices: XLA then compiles the SPMD program and its figures are per device.
+_PLACEMENT: contextvars.ContextVar = contextvars.ContextVar("graphopt_remat_placement",
+                                                           default=None)
+
+
+def devices_of(ctx) -> int:
+    """How many devices the sharded inputs span (1: measured as one program)."""
+    shardings = getattr(ctx, "in_shardings", None) or ()
+    return max((len(s.device_set) for s in shardings if s is not None), default=1)
+
+
+@contextlib.contextmanager
+def per_device(ctx):
+    """Measure programs placed as ``ctx.in_shardings`` says (budgets are per device)."""
+    token = _PLACEMENT.set(getattr(ctx, "in_shardings", None) if devices_of(ctx) > 1 else None)
+    try:
+        yield
+    finally:
+        _PLACEMENT.reset(token)
+
+
+def specs(cj) -> list:
+    """Abstract inputs of ``cj`` to compile it on, placed like the pass's inputs where the
+    program takes those inputs (a sub-program with other inputs compiles unplaced)."""
+    placed = _PLACEMENT.get()
+    if placed is None or len(placed) != len(cj.in_avals):
+        placed = [None] * len(cj.in_avals)
+    return [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False),
+                                 sharding=s) for a, s in zip(cj.in_avals, placed)]
+
 
 
 def xla_temp(cj: ir.ClosedJaxpr) -> int:
     """XLA's temp bytes of a closed jaxpr compiled for its input avals."""
-    return analysis.xla_memory(cj, *_specs(cj))["temp_bytes"]
+    return analysis.xla_memory(cj, *specs(cj))["temp_bytes"]
 
 
 def estimated_temp(cj: ir.ClosedJaxpr) -> int:
@@ -145,5 +176,5 @@ def finish(prog, stats, how, base, mem, budget_bytes, flops) -> PassResult:
     return PassResult(prog, True, stats)
 
 
-__all__ = ["parse_budget", "xla_temp", "estimated_temp", "MEASURES", "BudgetError",
+__all__ = ["per_device", "devices_of", "specs", "parse_budget", "xla_temp", "estimated_temp", "MEASURES", "BudgetError",
            "next_target", "choose", "infeasible_msg", "infeasible", "finish"]

@@ -31,7 +31,7 @@ from graphopt import analysis, ir
 from graphopt.interpreter import Stats
 from graphopt.passes import PassResult
 
-from .remat_budget import choose, infeasible, parse_budget
+from .remat_budget import choose, infeasible, parse_budget, specs
 from .remat_plan import SAVED_BY, Plan, build_plan, recomputable
 from .remat_solvers import solve_greedy
 
@@ -219,13 +219,8 @@ def grad_program(cj: ir.ClosedJaxpr):
     return g
 
 
-def _specs(cj: ir.ClosedJaxpr) -> list:
-    return [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
-            for a in cj.in_avals]
-
-
 def grad_temp(cj: ir.ClosedJaxpr) -> int:
-    return analysis.xla_memory(grad_program(cj), *_specs(cj))["temp_bytes"]
+    return analysis.xla_memory(grad_program(cj), *specs(cj))["temp_bytes"]
 
 
 def remat_jaxpr_pre_ad(cj, memory_budget, solver="auto", max_cuts=128, time_limit=10.0,
@@ -298,7 +293,7 @@ def pre_ad_pass(cj: ir.ClosedJaxpr, ctx, stats: Stats) -> PassResult:
                    "differentiate; left as is")
         return PassResult(cj, False, stats)
     try:
-        jax.make_jaxpr(grad_program(cj))(*_specs(cj))
+        jax.make_jaxpr(grad_program(cj))(*specs(cj))
     except (TypeError, ValueError) as exc:  # JAX cannot differentiate it (while_loop, ...)
         stats.note(f"remat: pre-AD: jax.grad cannot differentiate this program "
                    f"({type(exc).__name__}: {str(exc).splitlines()[0]}); left as is")

@@ -219,6 +219,7 @@ def test_property_random_chains(m, k, n, ops):
 
 # ---------------------------------------------------------------- through optimize
 
+@pytest.mark.slow  # over 25 s on 2 cores: leg 1 only (.ci/run)
 def test_pre_ad_then_grad_matches_and_backward_is_low():
     p = gpt.init(jax.random.PRNGKey(0), **gpt.SIZES)
     b = gpt.example_batch(jax.random.PRNGKey(1), **gpt.SIZES)

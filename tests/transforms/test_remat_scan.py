@@ -345,6 +345,7 @@ def test_pass_infeasible_budget_states_smallest(rnn_step):
                                                      "remat_measure": "estimate"}))
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: leg 1 only (.ci/run)
 def test_optimize_scan_gpt_with_budget(gpt_step):
     step, args, _ = gpt_step
     f = graphopt.optimize(step, memory_budget=0.7, remat_measure="estimate",
