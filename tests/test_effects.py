@@ -267,7 +267,7 @@ def test_each_registered_pass_keeps_effects(prog, name):
 
 def test_fusable_program_is_fused_around_its_effects():
     # otherwise the per-pass test above would not exercise the fusions at all
-    rep = graphopt.optimize(fusable, passes=["fuse"]).report(X512)
+    rep = graphopt.optimize(fusable, passes=["fuse"], parallel_dots="always").report(X512)
     hits = {h for r in rep.records for h in r.stats.hits}
     assert {"fuse.attention", "fuse.parallel_dots", "fuse.matmul_chain"} <= hits
 

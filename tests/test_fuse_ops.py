@@ -81,7 +81,7 @@ def test_batchnorm_must_not_fire():
 # ----------------------------------------------------------------------- parallel dots
 
 def test_parallel_qkv_and_gate_up():
-    x = arr(64, 8)
+    x = arr(16384, 8)  # 512 KiB: more than a CPU cache holds (CPU_CACHE_BYTES)
     ws = [arr(8, 4) for _ in range(3)]
 
     def qkv(x, wq, wk, wv):
@@ -92,8 +92,24 @@ def test_parallel_qkv_and_gate_up():
 
     def gate_up(x, wg, wu):  # batched activations [B, T, d]
         return jax.nn.silu(x @ wg) * (x @ wu)
-    _, out, st = check("fuse_parallel_dots", gate_up, arr(2, 32, 8), ws[0], ws[1])
+    _, out, st = check("fuse_parallel_dots", gate_up, arr(2, 8192, 8), ws[0], ws[1])
     assert n_prims(out, "dot_general") == 1
+
+
+def test_parallel_dots_on_cpu_leave_a_cached_input_alone():
+    from graphopt.transforms.fuse_dots import CPU_CACHE_BYTES
+    x, ws = arr(64, 8), [arr(8, 4) for _ in range(3)]  # 2 KiB: stays in cache on CPU
+    assert x.nbytes <= CPU_CACHE_BYTES
+
+    def qkv(x, wq, wk, wv):
+        return jnp.tanh(x @ wq) + (x @ wk) * (x @ wv)
+    _, out, st = run_pass("fuse_parallel_dots", qkv, x, *ws)
+    assert not st.hits and n_prims(out, "dot_general") == 3
+    assert any("stays in a CPU cache" in n for n in st.notes), st.notes
+    cj = jax.make_jaxpr(qkv)(x, *ws)  # elsewhere the byte model alone decides: it fires
+    res = graphopt.passes.resolve("fuse_parallel_dots")[0](
+        cj, graphopt.passes.PassContext(platform="gpu"))
+    assert res.stats.hits["fuse.parallel_dots"] == 1
 
 
 def test_parallel_dots_must_not_fire():

@@ -27,6 +27,12 @@ from graphopt import ir
 from graphopt.patterns import DotRule, Match, Rule, View
 
 
+# On CPU an input this small stays in cache across the dots that read it, so reading it
+# once saves little while slicing the fused result costs a pass over it (heads written
+# as a loop, x 32 KiB: 0.9x fused; bench/parallel_bench.py).
+CPU_CACHE_BYTES = 256 * 1024
+
+
 def _nbytes(a) -> int:
     return ir.aval_nbytes(a.aval)
 
@@ -91,6 +97,12 @@ class ParallelDots(DotRule):
             return None
         if mode != "always" and (len(ws) - 1) * _nbytes(x) < 2 * sum(_nbytes(w) for w in ws):
             return None  # concatenating the weights costs more than re-reading x saves
+        platform = getattr(view.ctx, "platform", None)
+        if mode != "always" and platform == "cpu" and _nbytes(x) <= CPU_CACHE_BYTES:
+            view.note(f"fuse_parallel_dots: {len(ws)} dots share a {_nbytes(x)}-byte input "
+                      f"that stays in a CPU cache: re-reading it is cheap, slicing the fused "
+                      f"result is not (measured 0.9x); left as written")
+            return None
         # The result axis that w's free dim becomes: after batch dims and x's free dims.
         nb = len(root.params["dimension_numbers"][1][0])
         n_xfree = len(_free_dims(root, side))
