@@ -195,7 +195,8 @@ class Optimized:
                             f"hashable, got {[k for k, _ in static]}") from None
         # placement matters to per-device remat plans only (jax.jit places the rest)
         placed = sharding.of(leaves) if self._placed is not None else None
-        return (treedef, tuple(_leaf_spec(x) for x in leaves), static, placed)
+        return (treedef, tuple(_leaf_spec(x) for x in leaves), static, placed,
+                sharding.varying(leaves))
 
     # ------------------------------------------------------------------ building
     def _leaves(self, args, kwargs):
@@ -212,13 +213,12 @@ class Optimized:
         if entry is not None:
             return entry, leaves
 
-        sharding.check_not_per_device(leaves, self.__name__)
-
         def flat_fun(*flat):
             a, kw = rebuild(jax.tree_util.tree_unflatten(treedef, list(flat)))
             return frameworks.call(self.fun, a, kw, self.__name__)
 
-        specs = [jax.ShapeDtypeStruct(s, d, weak_type=w) for s, d, w in key[1]]
+        specs = sharding.trace_specs([jax.ShapeDtypeStruct(s, d, weak_type=w)
+                                      for s, d, w in key[1]], leaves, self.__name__)
         t0 = time.perf_counter()
         try:
             # the losses the step differentiates are fused before AD (graphopt.regrad)

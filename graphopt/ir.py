@@ -185,6 +185,19 @@ def varying_axes(x) -> frozenset:
     return frozenset(getattr(aval, "vma", ()) or ())
 
 
+def per_device_spec(x):
+    """A ``jax.ShapeDtypeStruct`` of a value inside ``jax.shard_map`` that keeps the mesh
+    axes it varies along, so a trace from it inserts the ``pvary`` JAX's own would; None
+    where this JAX cannot say so."""
+    aval = aval_of(x)
+    try:
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type,
+                                    sharding=aval.sharding,
+                                    manual_axis_type=aval.manual_axis_type)
+    except (AttributeError, TypeError):
+        return None
+
+
 def pins_placement(eqn) -> bool:
     """True for a call (``jax.jit(..., in_shardings=, out_shardings=, donate_argnums=)``)
     whose params fix where its values live or which inputs it donates: inlining its body

@@ -4,7 +4,8 @@ graphopt traces on shapes; which devices hold an input is the array's own busine
 places the optimized program as it would place ``jax.jit``'s). Two things need it:
 the cache (a program rematerialized for inputs sharded over 8 devices is planned per
 device, so another placement is another entry) and the remat pass (its budget is per
-device: XLA compiles the SPMD program for one device's share).
+device: XLA compiles the SPMD program for one device's share). Inside ``jax.shard_map``
+the inputs vary along mesh axes, and graphopt traces them as such (:func:`trace_specs`).
 """
 from __future__ import annotations
 
@@ -57,16 +58,30 @@ class PerPlacement:
             _CALLER.reset(token)
 
 
-def check_not_per_device(leaves, name: str) -> None:
-    """graphopt traces on shapes, outside any ``shard_map``: values that vary along its
-    mesh axes (``check_vma=True``) would meet constants that do not, deep inside JAX."""
-    axes = sorted(set().union(*(ir.varying_axes(x) for x in leaves if ir.is_tracer(x))))
-    if axes:
-        raise GraphoptError(
-            f"graphopt.optimize({name}) is called inside jax.shard_map on values that vary "
-            f"along mesh axes {axes}: graphopt traces the function outside the map. Put "
-            f"graphopt.optimize around the jax.shard_map call (its body is kept), or pass "
-            f"check_vma=False to jax.shard_map")
+def varying(leaves) -> tuple | None:
+    """Per flat input, the ``shard_map`` mesh axes it varies along (None: none does)."""
+    out = tuple(ir.varying_axes(x) if ir.is_tracer(x) else frozenset() for x in leaves)
+    return out if any(out) else None
 
 
-__all__ = ["placement", "of", "PerPlacement", "check_not_per_device"]
+def trace_specs(specs, leaves, name: str) -> list:
+    """``specs`` with the inputs that vary along ``shard_map`` mesh axes traced as such:
+    graphopt traces on shapes, and a value that varies meeting a constant that does not
+    needs the ``pvary`` JAX inserts when it traces the same code inside the map."""
+    if varying(leaves) is None:
+        return specs
+    out = []
+    for spec, x in zip(specs, leaves):
+        if ir.is_tracer(x) and ir.varying_axes(x):
+            spec = ir.per_device_spec(x)
+            if spec is None:
+                raise GraphoptError(
+                    f"graphopt.optimize({name}) is called inside jax.shard_map on values "
+                    f"that vary along mesh axes {sorted(ir.varying_axes(x))}, which this "
+                    f"JAX cannot trace outside the map. Put graphopt.optimize around the "
+                    f"jax.shard_map call (its body is kept), or pass check_vma=False")
+        out.append(spec)
+    return out
+
+
+__all__ = ["placement", "of", "PerPlacement", "varying", "trace_specs"]

@@ -91,6 +91,25 @@ def test_pins_placement_reads_shardings_and_donation():
     assert ir.pins_placement(donating.eqns[0])
 
 
+def test_optimize_inside_shard_map_traces_per_device():
+    """Inside jax.shard_map the values vary along its mesh axes: graphopt traces them so
+    (a constant meeting them gets JAX's pvary), and around it keeps the body."""
+    def loss(w1, w2, x):
+        return jnp.mean(jnp.where(x @ w1 < 0, 0.0, jnp.tanh(x @ w1)) @ w2)
+
+    def grads(fn):
+        def body(w1, w2, x):
+            return jax.lax.pmean(jax.grad(fn, argnums=(0, 1))(w1, w2, x), "data")
+        return jax.jit(jax.shard_map(body, mesh=MESH, in_specs=(P(), P(), P("data")),
+                                     out_specs=P()))
+
+    want = grads(loss)(*ARGS)
+    for got in (grads(graphopt.optimize(loss))(*ARGS),
+                graphopt.optimize(grads(loss))(*ARGS)):
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.slow  # one process of its own on 8 host devices, ~10 compiles: leg 1 only
 def test_gpt_step_on_8_host_devices():
     script = Path(__file__).with_name("sharded_steps.py")
