@@ -25,8 +25,6 @@ def placement(leaves) -> tuple | None:
     return out if any(s is not None for s in out) else None
 
 
-
-
 # The placement of the call being traced: under jax.jit graphopt sees tracers, which do
 # not say where the concrete arrays live; the caller records it before tracing.
 _CALLER: contextvars.ContextVar = contextvars.ContextVar("graphopt_placement", default=None)

@@ -311,8 +311,8 @@ def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
     micro_opt = ctx.option("remat_micro_batches", "auto")
     if micro_opt is not False and micro_opt != "auto":
         raise OptionError(f"remat: remat_micro_batches={micro_opt!r} with inputs sharded over "
-                         f"{n} devices: slicing a sharded batch into micro-batches would move "
-                         f"it between devices; pass remat_micro_batches=False")
+                          f"{n} devices: slicing a sharded batch into micro-batches would move "
+                          f"it between devices; pass remat_micro_batches=False")
     # a micro-batch of a sharded batch lives on some devices only: recompute instead
     ctx = dataclasses.replace(ctx, options={**ctx.options, "remat_micro_batches": False})
     with per_device(ctx):

@@ -52,7 +52,6 @@ def specs(cj) -> list:
                                  sharding=s) for a, s in zip(cj.in_avals, placed)]
 
 
-
 def xla_temp(cj: ir.ClosedJaxpr) -> int:
     """XLA's temp bytes of a closed jaxpr compiled for its input avals."""
     return analysis.xla_memory(cj, *specs(cj))["temp_bytes"]
