@@ -143,7 +143,7 @@ def main():
           "inside shard_map(check_vma=False)")
     say("shard_map: graphopt around it and inside it (check_vma True and False) equal")
 
-    # 3. tensor parallel (4 data x 2 model) with bfloat16 matmuls, against one device
+    # 3. tensor parallel (4 data x 2 model), bfloat16 matmuls and remat, against one device
     m2 = mesh((4, 2), ("data", "model"))
     pspec = jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(m2, tp_spec(p, x)), params)
     tparams = jax.device_put(params, pspec)
@@ -151,7 +151,10 @@ def main():
     tbatch = jax.device_put(batch, NamedSharding(m2, P("data")))
     low = dict(precision="bfloat16")
     one_losses, one_params = run(graphopt.optimize(step, **low), params, state, batch)
-    tp_losses, tp_params = run(graphopt.optimize(step, **low), tparams, tstate, tbatch)
+    tstep = graphopt.optimize(step, memory_budget=0.8, **low, **REMAT)  # remat per device too
+    tp_losses, tp_params = run(tstep, tparams, tstate, tbatch)
+    rec = next(r for r in tstep.report(tparams, tstate, tbatch).records if r.name == "remat")
+    assert rec.changed and any("per device" in n for n in rec.stats.notes), rec.stats.notes
     close(tp_losses, one_losses, 1e-3, 1e-4, "tensor-parallel bfloat16 losses")
     # Adam moves a weight by ~lr per step whatever its gradient's size, so bfloat16 rounding
     # in another reduction order may flip a near-zero gradient's step: up to 2 x lr apart
@@ -159,7 +162,8 @@ def main():
     close(tp_losses, ref_losses, 2e-2, 0, "bfloat16 losses near float32's")
     wq = tp_params["blocks"][0]["attn"]["wq"]
     assert wq.sharding.is_equivalent_to(pspec["blocks"][0]["attn"]["wq"], wq.ndim), wq.sharding
-    say(f"tensor parallel 4x2 + bfloat16: losses {tp_losses} (one device {one_losses})")
+    say(f"tensor parallel 4x2 + bfloat16 + remat (0.8 per device): losses {tp_losses} "
+        f"(one device {one_losses})")
 
     # 4. per-device temp memory as the data-parallel mesh grows
     temps, ostep = [], graphopt.optimize(step)  # one program: jax.jit places it per mesh
