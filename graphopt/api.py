@@ -122,14 +122,13 @@ class Optimized:
         self._cache: dict = {}
         # jax.jit must see fun's signature to map static args given by name or position.
         inner = functools.wraps(fun)(lambda *a, **k: self._inner(*a, **k))
-        self._call = (jax.jit(inner, static_argnums=self.static_argnums or None,
-                              static_argnames=self.static_argnames or None)
-                      if jit else self._inner)
+        def make():
+            return jax.jit(inner, static_argnums=self.static_argnums or None,
+                           static_argnames=self.static_argnames or None)
+        self._call = make() if jit else self._inner
         # a remat budget is per device: plan once per placement of the inputs
-        self._placed = (sharding.PerPlacement(lambda: jax.jit(
-            inner, static_argnums=self.static_argnums or None,
-            static_argnames=self.static_argnames or None))
-            if jit and self.options.get("memory_budget") is not None else None)
+        self._placed = (sharding.PerPlacement(make)
+                        if jit and self.options.get("memory_budget") is not None else None)
 
     @property
     def donating(self) -> bool:
@@ -218,7 +217,7 @@ class Optimized:
             return frameworks.call(self.fun, a, kw, self.__name__)
 
         specs = sharding.trace_specs([jax.ShapeDtypeStruct(s, d, weak_type=w)
-                                      for s, d, w in key[1]], leaves, self.__name__)
+                                      for s, d, w in key[1]], leaves, key[4], self.__name__)
         t0 = time.perf_counter()
         try:
             # the losses the step differentiates are fused before AD (graphopt.regrad)

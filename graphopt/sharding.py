@@ -62,20 +62,20 @@ def varying(leaves) -> tuple | None:
     return out if any(out) else None
 
 
-def trace_specs(specs, leaves, name: str) -> list:
-    """``specs`` with the inputs that vary along ``shard_map`` mesh axes traced as such:
-    graphopt traces on shapes, and a value that varies meeting a constant that does not
-    needs the ``pvary`` JAX inserts when it traces the same code inside the map."""
-    if varying(leaves) is None:
+def trace_specs(specs, leaves, axes: tuple | None, name: str) -> list:
+    """``specs`` with the inputs that vary along ``shard_map`` mesh axes (``axes``, from
+    :func:`varying`) traced as such: graphopt traces on shapes, and a value that varies
+    meeting a constant that does not needs the ``pvary`` JAX inserts inside the map."""
+    if axes is None:
         return specs
     out = []
-    for spec, x in zip(specs, leaves):
-        if ir.is_tracer(x) and ir.varying_axes(x):
+    for spec, x, ax in zip(specs, leaves, axes):
+        if ax:
             spec = ir.per_device_spec(x)
             if spec is None:
                 raise GraphoptError(
                     f"graphopt.optimize({name}) is called inside jax.shard_map on values "
-                    f"that vary along mesh axes {sorted(ir.varying_axes(x))}, which this "
+                    f"that vary along mesh axes {sorted(ax)}, which this "
                     f"JAX cannot trace outside the map. Put graphopt.optimize around the "
                     f"jax.shard_map call (its body is kept), or pass check_vma=False")
         out.append(spec)
