@@ -123,6 +123,16 @@ def test_correct_passes_pass_and_jit_path_runs():
         assert not out.failed, out.detail
 
 
+def test_adam_does_not_amplify_a_noise_gradient():
+    """seed 23 program 8: a loss invariant to its parameters (mean square of a batch-normalized
+    value) has float-noise gradients; with adam's default eps the update was ±lr by their sign,
+    so any reassociation read as a mismatch. The generated optimizers bound that (eps=1e-3)."""
+    prog = fuzz.program(23, 8)
+    assert "eps=1e-3" in prog.config["optimizer"] and "bn_affine" in prog.source()
+    out = fuzz.check(prog)
+    assert out.status == "ok" and out.where != "unchanged", (out.status, out.where, out.detail)
+
+
 def test_oracle_tolerances():
     import numpy as np
     a = np.array([1.0, 2.0, np.nan], np.float32)
