@@ -92,8 +92,11 @@ class Optimized:
                               "given without memory_budget, so no rematerialization would run")
         self.pass_specs = _pass_list(passes) if passes is not None else default_passes()
         # e.g. a memory budget asks for rematerialization after the other passes
-        self.pass_specs += implied_passes(self.options, self.pass_specs)
+        self.pass_specs += implied_passes(self.options, [p.name for p in resolve(self.pass_specs)])
         self.pipeline = Pipeline(self.pass_specs, check=True, max_rounds=max_rounds)
+        # options given to graphopt.passes.<name>(...) count too (budget, check tolerance)
+        self._settings = {k: v for p in self.pipeline.passes for k, v in p.options.items()}
+        self._settings.update(self.options)
         self.check = check
         self.jit = jit
         self.static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
@@ -128,7 +131,7 @@ class Optimized:
         self._call = make() if jit else self._inner
         # a remat budget is per device: plan once per placement of the inputs
         self._placed = (sharding.PerPlacement(make)
-                        if jit and self.options.get("memory_budget") is not None else None)
+                        if jit and self._settings.get("memory_budget") is not None else None)
 
     @property
     def donating(self) -> bool:
@@ -324,7 +327,7 @@ class Optimized:
             entry.report.check_inputs += ("; outputs only (a post-AD step: its outputs are its "
                                           "gradients' results, its own derivatives not compared)")
         errs = testing.compare_fns(_keys_as_data(entry.original), _keys_as_data(entry.optimized),
-                                   concrete, grads=first_order, rtol=check_rtol(self.options))
+                                   concrete, grads=first_order, rtol=check_rtol(self._settings))
         entry.report.check_errors = errs
         entry.checked = True
         bad = [f"{k}: max rel err {v['max_rel_err']:.3g}" for k, v in errs.items() if not v["ok"]]

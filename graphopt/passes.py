@@ -9,14 +9,17 @@ avals), records a :class:`PassRecord` per pass run, and turns any failure into a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import gc
+import inspect
 import os
 import time
 from collections.abc import Callable, Sequence
 
 from . import ir
-from .errors import GraphoptError, PassError
+from .errors import GraphoptError, OptionError, PassError
 from .interpreter import Stats
+from .options import OPTIONS, validate
 
 
 @dataclasses.dataclass
@@ -51,9 +54,13 @@ class Pass:
     fn: PassFn
     description: str = ""
     family: str = ""
+    options: dict = dataclasses.field(default_factory=dict)  # this pass's own (configure)
 
     def __call__(self, cj: ir.ClosedJaxpr, ctx: PassContext | None = None) -> PassResult:
-        return self.fn(cj, ctx if ctx is not None else PassContext())
+        ctx = ctx if ctx is not None else PassContext()
+        if self.options:  # its own settings win over the pipeline's
+            ctx = dataclasses.replace(ctx, options={**ctx.options, **self.options})
+        return self.fn(cj, ctx)
 
 
 @dataclasses.dataclass
@@ -109,6 +116,58 @@ def resolve(spec: str | Pass | Callable | Sequence) -> list[Pass]:
     if isinstance(spec, (list, tuple)):
         return [p for s in spec for p in resolve(s)]
     raise TypeError(f"a pass is a name, a Pass, or a function (jaxpr, ctx) -> PassResult; got {spec!r}")
+
+
+def _members(name: str) -> list[str]:
+    entry = _REGISTRY.get(name)
+    return [name] + ([m for s in entry for m in _members(s)] if isinstance(entry, list) else [])
+
+
+def options_of(name: str) -> list[str]:
+    """The options pass (or group) ``name`` reads, from the one options table."""
+    members = set(_members(name))
+    return sorted(k for k, o in OPTIONS.items() if o.pass_name in members)
+
+
+def configure(name: str, **options) -> list[Pass]:
+    """Pass (or group) ``name`` with its own settings, checked now: what
+    ``graphopt.passes.<name>(**options)`` returns, e.g. ``passes=[passes.prune(
+    fold_max_bytes="64KiB"), passes.remat(memory_budget="2GiB", remat_solver="milp")]``.
+    The options are the ones ``graphopt.optimize`` takes, under the same names; one this
+    pass does not read is an :class:`OptionError` naming those it does."""
+    if name not in _REGISTRY:
+        raise OptionError(f"unknown pass {name!r}; valid passes: {', '.join(registered_passes())}")
+    valid = options_of(name)
+    foreign = sorted(set(options) - set(valid))
+    if foreign:
+        close = difflib.get_close_matches(foreign[0], valid, n=1)
+        raise OptionError(f"pass {name!r} does not read {', '.join(map(repr, foreign))}"
+                          + (f" (did you mean {close[0]!r}?)" if close else "")
+                          + f"; it reads: {', '.join(valid) or 'no options'}")
+    checked = validate(options, f"graphopt.passes.{name}")
+    return [dataclasses.replace(p, options={**p.options, **checked}) for p in resolve(name)]
+
+
+def _factory(name: str) -> Callable[..., list[Pass]]:
+    def make(**options):
+        return configure(name, **options)
+    make.__name__ = make.__qualname__ = name
+    make.__doc__ = f"Pass {name!r} with its own settings:\n" + "\n".join(
+        f"  {k}: {OPTIONS[k].doc}" for k in options_of(name))
+    make.__signature__ = inspect.Signature([inspect.Parameter(
+        k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in options_of(name)])
+    return make
+
+
+def __getattr__(name: str):
+    """``graphopt.passes.prune``, ``graphopt.passes.remat``, ...: a factory per registered pass."""
+    if name in _REGISTRY:
+        return _factory(name)
+    raise AttributeError(f"module 'graphopt.passes' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_REGISTRY))
 
 
 def placement_of(cj: ir.ClosedJaxpr) -> str:
@@ -211,4 +270,5 @@ class Pipeline:
 
 __all__ = ["Pass", "PassResult", "PassContext", "PassRecord", "Pipeline", "PassError",
            "GraphoptError", "register_pass", "register_group", "registered_passes",
-           "resolve", "placement_of", "check_interface", "full_checks"]
+           "resolve", "placement_of", "check_interface", "full_checks", "configure",
+           "options_of"]

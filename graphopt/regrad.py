@@ -46,18 +46,22 @@ class Inner:
     error: str | None = None    # why it was differentiated as written instead
 
 
-def pre_ad_passes(pass_specs) -> list[str]:
-    """The passes of a pipeline that run on differentiated functions before AD."""
+def pre_ad_passes(pass_specs) -> list:
+    """The passes of a pipeline that run on differentiated functions before AD (each once,
+    with its own settings when it was configured: ``graphopt.passes.fuse(...)``)."""
     from .passes import resolve
-    names = [p.name for p in resolve(list(pass_specs))]
-    return [n for n in dict.fromkeys(names) if n in PRE_AD_PASSES]
+    first = {}
+    for p in resolve(list(pass_specs)):
+        first.setdefault(p.name, p)
+    return [p for n, p in first.items() if n in PRE_AD_PASSES]
 
 
 def pre_ad_options(options: dict, passes) -> dict:
     """The options read by ``passes`` (a memory budget stays with the whole step)."""
     from .options import OPTIONS
+    names = {p.name for p in passes}
     return {k: v for k, v in options.items()
-            if k in passes or getattr(OPTIONS.get(k), "pass_name", None) in passes}
+            if k in names or getattr(OPTIONS.get(k), "pass_name", None) in names}
 
 
 @contextlib.contextmanager
