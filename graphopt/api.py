@@ -95,8 +95,8 @@ class Optimized:
         self.pass_specs += implied_passes(self.options, [p.name for p in resolve(self.pass_specs)])
         self.pipeline = Pipeline(self.pass_specs, check=True, max_rounds=max_rounds)
         # options given to graphopt.passes.<name>(...) count too (budget, check tolerance)
-        self._settings = {k: v for p in self.pipeline.passes for k, v in p.options.items()}
-        self._settings.update(self.options)
+        self._settings = dict(self.options)
+        self._settings.update((k, v) for p in self.pipeline.passes for k, v in p.options.items())
         self.check = check
         self.jit = jit
         self.static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
