@@ -86,12 +86,13 @@ class Pack:
 def dag_depths(jaxpr) -> tuple[list[int], list[set[int]]]:
     """(depth per equation: longest chain of equations from the inputs, predecessors);
     effectful equations are chained in program order."""
-    g = ir.Graph(jaxpr)
+    producer: dict = {}
     preds: list[set[int]] = []
     depth: list[int] = []
     last_effect = None
-    for i, e in enumerate(g.eqns):
-        ps = {g.producer[a] for a in e.invars if ir.is_var(a) and a in g.producer}
+    for i, e in enumerate(jaxpr.eqns):
+        ps = {producer[a] for a in e.invars if ir.is_var(a) and a in producer}
+        producer.update((v, i) for v in e.outvars)
         if ir.effectful(e):
             if last_effect is not None:
                 ps.add(last_effect)
@@ -112,13 +113,18 @@ def find_packs(jaxpr, can_pack: Callable | None = None) -> list[Pack]:
     jaxpr = jaxpr.jaxpr if isinstance(jaxpr, ir.ClosedJaxpr) else jaxpr
     depth, _ = dag_depths(jaxpr)
     memo: dict = {}
-    groups: dict = collections.defaultdict(list)
+    rough: dict = collections.defaultdict(list)  # the full signature only where it can matter
     for i, e in enumerate(jaxpr.eqns):
-        if not e.invars or ir.impure(e) or MARK in ir.name_stack(e):
-            continue
-        if can_pack is not None and not can_pack(e):
-            continue
-        groups[(signature(e, memo), depth[i])].append(i)
+        rough[(e.primitive, depth[i], tuple(_aval_key(v.aval) for v in e.outvars))].append(i)
+    groups: dict = collections.defaultdict(list)
+    for same in rough.values():
+        for i in same if len(same) > 1 else ():
+            e = jaxpr.eqns[i]
+            if not e.invars or ir.impure(e) or MARK in ir.name_stack(e):
+                continue
+            if can_pack is not None and not can_pack(e):
+                continue
+            groups[(signature(e, memo), depth[i])].append(i)
     packs = []
     for (_, d), members in groups.items():
         if len(members) < 2:
