@@ -15,7 +15,8 @@ import numpy as np
 from . import ir
 from .errors import GraphoptError
 from .interpreter import Stats
-from .patterns import SHAPE_PARAMS, Bindings, Lit, Op, Pat, Rule, Wild, apply_rules, inline_jits
+from .patterns_apply import Rule, apply_rules
+from .patterns_match import SHAPE_PARAMS, Bindings, Lit, Op, Pat, Wild, inline_jits
 
 
 class LitArg:

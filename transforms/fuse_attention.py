@@ -161,191 +161,252 @@ class AttentionRule(DotRule):
             return refuse(view, i, self.name, str(why))
 
     def _build(self, view, i, root, p_side, sm, chain, post, eqns):
-        s, ax = sm
-        p, v = root.invars[p_side], root.invars[1 - p_side]
-        d1 = view.eqns[chain.dot]
-        dims = (_dims(d1, 0), _dims(d1, 1))
-        if len(dims[0][0]) != 1:
-            raise Refused("q·kᵀ contracts more than one axis")
-        nb = len(dims[0][1])
-        # Label the scores' axes by atom, then replay the chain on the labels.
-        labels = [(("b", j),) for j in range(nb)] + [((side, d),) for side in (0, 1)
-                                                      for d in dims[side][2]]
-        sizes = {lab[0]: n for lab, n in zip(labels, d1.outvars[0].aval.shape)}
-        scale, terms = 1.0, []
-        for kind, idx, data in chain.steps:
-            labels = replay(labels, (kind, idx, data), sizes)
-            if kind == "scale":
-                scale *= data
-            elif kind in ("mask", "bias"):
-                terms.append((kind, data, list(labels), view.eqns[idx].outvars[0].aval.shape))
-        key_ax = nonunit([labels[ax]], sizes)
-        if len(key_ax) != 1 or key_ax[0][0] not in (0, 1):
-            raise Refused("the softmax does not run over the key axis of q·kᵀ alone")
-        k_side, s_dim = key_ax[0]
-        q_side = 1 - k_side
-        if [d for d in dims[k_side][2] if sizes[(k_side, d)] > 1] != [s_dim]:
-            raise Refused("the keys have more than one free axis")
-        q_free = dims[q_side][2]
-        t_dim = max(q_free, key=lambda d: sizes[(q_side, d)]) if q_free else None
-        ren = {(k_side, d): ("s" if d == s_dim else ("x", d)) for d in dims[k_side][2]}
-        ren.update({(q_side, d): ("t" if d == t_dim else ("g", d)) for d in q_free})
-        sizes = {ren.get(a, a): n for a, n in sizes.items()}
-        sizes.setdefault("t", 1)
-
-        def rn(labs):
-            return [tuple(ren.get(a, a) for a in ax) for ax in labs]
-        labels = rn(labels)
-        for step in post:  # the probabilities' layout as the second dot reads them
-            labels = replay(labels, step, sizes)
-        terms = [(kind, data, rn(lab), shp) for kind, data, lab, shp in terms]
-        q, k = d1.invars[q_side], d1.invars[k_side]
-
-        def operand_labels(side):
-            c, b, f = dims[side]
-            lab = [None] * d1.invars[side].aval.ndim
-            lab[c[0]] = ("h",)
-            for j, d in enumerate(b):
-                lab[d] = (("b", j),)
-            for d in f:
-                lab[d] = (ren[(side, d)],)
-            return lab
-        q_lab, k_lab = operand_labels(q_side), operand_labels(k_side)
-        sizes["h"] = q.aval.shape[dims[q_side][0][0]]
-        # The probabilities·v dot: contracts the key axis, pairs the batch atoms.
-        (pc, pb, pf), (vc, vb, vf) = _dims(root, p_side), _dims(root, 1 - p_side)
-        if len(pc) != 1 or nonunit([labels[pc[0]]], sizes) != ["s"]:
-            raise Refused("the probabilities·v dot does not contract the key axis alone")
-        bs = [("b", j) for j in range(nb) if sizes[("b", j)] > 1]
-        gs = [ren[(q_side, d)] for d in q_free if d != t_dim and sizes[ren[(q_side, d)]] > 1]
-        p_batch = nonunit([labels[d] for d in pb], sizes)
-        if sorted(p_batch) != sorted(bs) or any(len(nonunit([labels[d]], sizes)) > 1 for d in pb):
-            raise Refused("the probabilities·v dot pairs batch axes other than q·kᵀ's")
-        if sorted(nonunit([labels[d] for d in pf], sizes), key=str) != sorted(
-                nonunit([("t",)], sizes) + gs, key=str):
-            raise Refused("the probabilities·v dot keeps axes other than the queries'")
-        hv = [d for d in vf if v.aval.shape[d] > 1]
-        if len(hv) != 1:
-            raise Refused(f"the values have {len(hv)} feature axes (one expected)")
-        sizes["hv"] = v.aval.shape[hv[0]]
-        v_lab = [None] * v.aval.ndim
-        v_lab[vc[0]] = ("s",)
-        for j, d in enumerate(vb):
-            v_lab[d] = labels[pb[j]]
-        for d in vf:
-            v_lab[d] = ("hv",) if d == hv[0] else ()
-        kv_atom = None   # GQA spelt with jnp.repeat of the key/value heads: pass them unrepeated
-        lead = bs[:1] if len(bs) >= 2 else []   # canonical B: the first batch atom, N: the rest
-        heads = bs[len(lead):]
-        if heads and not [d for d in q_free if d != t_dim
-                                               and sizes[ren[(q_side, d)]] > 1]:
-            rk, rv = (unrepeat(view, x, lab, bs[-1]) for x, lab in ((k, k_lab), (v, v_lab)))
-            if rk and rv and rk[1] == rv[1] and rk[0].aval.dtype == rv[0].aval.dtype:
-                kv_atom = ("kv",)
-                sizes[kv_atom] = sizes[bs[-1]] // rk[1]
-                k, v = rk[0], rv[0]
-                k_lab, v_lab = ([(kv_atom,) if ax == (bs[-1],) else ax for ax in lab]
-                                for lab in (k_lab, v_lab))
-        if q.aval.dtype != k.aval.dtype or q.aval.dtype != v.aval.dtype:
-            raise Refused(f"q, k, v dtypes differ ({q.aval.dtype}, {k.aval.dtype}, {v.aval.dtype})")
-        out_labels = [labels[d] for d in pb] + (
-            [labels[d] for d in pf] + [v_lab[d] for d in vf] if p_side == 0
-            else [v_lab[d] for d in vf] + [labels[d] for d in pf])
-        B, T, S = prod(sizes, lead), sizes["t"], sizes["s"]
-        kv_heads = heads[:-1] + [kv_atom] if kv_atom else heads
-        N, Nk = prod(sizes, heads + gs), prod(sizes, kv_heads)
-        nz = lambda atoms: [a for a in atoms if sizes[a] > 1]  # noqa: E731
-        t_want = nz(bs + gs + ["t", "s"])  # masks and biases: [B, N, T, S]
-        # Masks and biases in program order; a constant lower-triangular mask is causality.
-        kterms, causal_at = mask_terms(view, terms, sizes, t_want, (B, N, T, S))
-        # The causal mask becomes is_causal only alone: with another mask, a row both empty
-        # takes its weights from their fills, which the kernel then replays as written.
-        kinds = [t[0] for t in kterms]
-        causal = causal_at is not None and kinds.count("mask") == 1
-        if causal:
-            del kterms[causal_at]
-            kinds = [t[0] for t in kterms]
-        q, cq = _scaled(view, q, eqns)   # a scalar scale on q or k before the dot joins
-        k, ck = _scaled(view, k, eqns)
-        scale *= cq * ck
-        # The kernel keeps both dots' precision and output types, and the dtypes between.
-        prec = (_swap(d1.params.get("precision"), q_side == 1),
-                _swap(root.params.get("precision"), p_side == 1))
-        out_type = root.params.get("preferred_element_type")
-        sdt = functools.reduce(jnp.promote_types, (q.aval.dtype, d1.outvars[0].aval.dtype,
-                                                   s.aval.dtype, jnp.float32))  # scores, softmax
-        pdt = p.aval.dtype
-        platform = getattr(view.ctx, "platform", "cpu") if view.ctx is not None else "cpu"
-        H = sizes["h"]
-        # dot_product_attention has no precision or output-type arguments: it is used only
-        # where it computes what the program asks; graphopt's kernel everywhere else.
-        as_is = (all(_default_precision(x) for x in prec) and pdt == v.aval.dtype
-                 and out_type in (None, v.aval.dtype)
-                 and d1.params.get("preferred_element_type") in (None, q.aval.dtype, jnp.float32))
-        one_fill = len({t[4][1] for t in kterms if t[0] == "mask"}) <= 1  # its masks share one fill
-        dpa = as_is and sdt == jnp.float32 and kinds == sorted(kinds) and one_fill
-        impl = "xla" if dpa else "kernel"
-        if (platform == "gpu" and q.aval.dtype in (jnp.bfloat16, jnp.float16) and H % 8 == 0
-                and H <= 128 and not kterms):
-            if as_is:
-                impl = "cudnn"
-            else:
-                note(view, i, self.name, f"cuDNN not used: the attention dots ask for precision "
-                     f"{prec} or output types it cannot take; fused into graphopt's XLA kernel")
-        nblk = n_causal_blocks(T, S) if causal and impl != "cudnn" and "mask" not in kinds else 0
-        impl = "kernel" if nblk else impl
-        if self.only_where_it_pays and platform != "gpu" and not nblk:
+        a = _label_scores(view, root, p_side, sm, chain, post)
+        _label_operands(root, p_side, a)
+        _regroup_heads(view, a)
+        _choose_kernel(view, i, self.name, root, p_side, a, eqns)
+        if self.only_where_it_pays and a.platform != "gpu" and not a.nblk:
+            d = view.stats.details  # counted for the pass's note (fuse.py), then dropped
+            d[NOT_PAYING] = d.get(NOT_PAYING, 0) + 1
             return None
-        out_var = root.outvars[0]
-        # Layout changes right after (heads back in place) join the match: no round trip.
-        while view.n_uses(out_var) == 1 and out_var not in view.outputs:
-            (u,) = view.users[out_var]
-            step = layout_step(view, u)
-            if step is None or step[0] == "cast":
-                break
-            try:
-                out_labels = replay(out_labels, step, sizes)
-            except Refused:
-                break
-            eqns.add(u)
-            out_var = view.eqns[u].outvars[0]
-        out_aval = out_var.aval
-        meta = [(kind, lab, bd, mk) for kind, _, lab, bd, mk in kterms]
-
-        def fused(q, k, v, *extra):
-            qq = to_layout(jnp, q, q_lab, sizes, nz(lead + ["t"] + heads + gs + ["h"]), (B, T, N, H))
-            kk = to_layout(jnp, k, k_lab, sizes, nz(lead + ["s"] + kv_heads + ["h"]), (B, S, Nk, H))
-            vv = to_layout(jnp, v, v_lab, sizes, nz(lead + ["s"] + kv_heads + ["hv"]),
-                           (B, S, Nk, sizes["hv"]))
-            ts = []
-            for x, (kind, lab, bd, mk) in zip(extra, meta):
-                x = jnp.broadcast_to(lax.broadcast_in_dim(x, mk[3], bd), mk[2])  # add/select
-                if kind == "bias":                                           # may broadcast too
-                    ts.append(("bias", to_layout(jnp, x, lab, sizes, t_want, (B, N, T, S))))
-                    continue
-                full = (x == 0) if mk[4] else x   # an additive 0 / -big mask: kept where 0
-                full = full if mk[0] else ~full
-                ts.append(("mask", to_layout(jnp, full, lab, sizes, t_want, (B, N, T, S)), mk[1]))
-            if impl != "kernel":  # biases before masks here (kinds sorted): as the program
-                bias = sum(t[1] for t in ts if t[0] == "bias") if "bias" in kinds else None
-                mask = functools.reduce(jnp.logical_and, [t[1] for t in ts if t[0] == "mask"]) \
-                    if "mask" in kinds else None
-                o = jax.nn.dot_product_attention(qq, kk, vv, bias=bias, mask=mask, scale=scale,
-                                                 is_causal=causal, implementation=impl)
-            else:
-                o = attention_kernel(qq, kk, vv, scale=scale, terms=ts, causal=causal,
-                                     n_blocks=nblk or 1, precision=prec, acc=sdt, p_dtype=pdt,
-                                     out_type=out_type)
-            o_lab = [tuple(lead), ("t",), tuple(heads + gs), ("hv",)]
-            return to_layout(jnp, o, o_lab, sizes, nonunit(out_labels, sizes),
-                             out_aval.shape).astype(out_aval.dtype)
-
-        args = [q, k, v] + [t[1] for t in kterms]
+        out_var = _absorb_layout_after(view, root, a, eqns)
+        args = [a.q, a.k, a.v] + [t[1] for t in a.kterms]
         post = POST_AD_HINT if getattr(view.ctx, "placement", "") == "post-AD" else ""
-        rule = self.name + (".causal" if causal else "") + (".cudnn" if impl == "cudnn" else "")
-        return Match(rule, frozenset(eqns), [out_var], fused, args, note=post)
+        rule = self.name + (".causal" if a.causal else "") + (".cudnn" if a.impl == "cudnn" else "")
+        return Match(rule, frozenset(eqns), [out_var], _fused_fn(a, out_var.aval), args, note=post)
 
 
+class _Attn:
+    """What ``AttentionRule._build`` learns about one candidate, phase by phase: the axis
+    labels and sizes, the operands, masks and biases, and the kernel it chose."""
+
+
+def _nz(sizes, atoms):
+    return [x for x in atoms if sizes[x] > 1]
+
+
+def _label_scores(view, root, p_side, sm, chain, post) -> _Attn:
+    """Label the scores' axes by atom and replay the chain on the labels: which operand
+    of q·kᵀ is the keys, the scale, the masks and biases in program order."""
+    a = _Attn()
+    a.s, ax = sm
+    a.p, a.v = root.invars[p_side], root.invars[1 - p_side]
+    d1 = a.d1 = view.eqns[chain.dot]
+    dims = a.dims = (_dims(d1, 0), _dims(d1, 1))
+    if len(dims[0][0]) != 1:
+        raise Refused("q·kᵀ contracts more than one axis")
+    a.nb = len(dims[0][1])
+    labels = [(("b", j),) for j in range(a.nb)] + [((side, d),) for side in (0, 1)
+                                                    for d in dims[side][2]]
+    sizes = {lab[0]: n for lab, n in zip(labels, d1.outvars[0].aval.shape)}
+    scale, terms = 1.0, []
+    for kind, idx, data in chain.steps:
+        labels = replay(labels, (kind, idx, data), sizes)
+        if kind == "scale":
+            scale *= data
+        elif kind in ("mask", "bias"):
+            terms.append((kind, data, list(labels), view.eqns[idx].outvars[0].aval.shape))
+    key_ax = nonunit([labels[ax]], sizes)
+    if len(key_ax) != 1 or key_ax[0][0] not in (0, 1):
+        raise Refused("the softmax does not run over the key axis of q·kᵀ alone")
+    k_side, s_dim = key_ax[0]
+    q_side = 1 - k_side
+    if [d for d in dims[k_side][2] if sizes[(k_side, d)] > 1] != [s_dim]:
+        raise Refused("the keys have more than one free axis")
+    q_free = dims[q_side][2]
+    t_dim = max(q_free, key=lambda d: sizes[(q_side, d)]) if q_free else None
+    ren = {(k_side, d): ("s" if d == s_dim else ("x", d)) for d in dims[k_side][2]}
+    ren.update({(q_side, d): ("t" if d == t_dim else ("g", d)) for d in q_free})
+    sizes = {ren.get(x, x): n for x, n in sizes.items()}
+    sizes.setdefault("t", 1)
+
+    def rn(labs):
+        return [tuple(ren.get(x, x) for x in ax) for ax in labs]
+    labels = rn(labels)
+    for step in post:  # the probabilities' layout as the second dot reads them
+        labels = replay(labels, step, sizes)
+    a.terms = [(kind, data, rn(lab), shp) for kind, data, lab, shp in terms]
+    a.labels, a.sizes, a.scale, a.ren = labels, sizes, scale, ren
+    a.q_side, a.k_side, a.q_free, a.t_dim = q_side, k_side, q_free, t_dim
+    a.q, a.k = d1.invars[q_side], d1.invars[k_side]
+    return a
+
+
+def _label_operands(root, p_side, a: _Attn) -> None:
+    """Label q, k and v's axes; check the probabilities·v dot contracts the key axis and
+    pairs the batch atoms of q·kᵀ."""
+    labels, sizes, dims, ren = a.labels, a.sizes, a.dims, a.ren
+
+    def operand_labels(side):
+        c, b, f = dims[side]
+        lab = [None] * a.d1.invars[side].aval.ndim
+        lab[c[0]] = ("h",)
+        for j, d in enumerate(b):
+            lab[d] = (("b", j),)
+        for d in f:
+            lab[d] = (ren[(side, d)],)
+        return lab
+    a.q_lab, a.k_lab = operand_labels(a.q_side), operand_labels(a.k_side)
+    sizes["h"] = a.q.aval.shape[dims[a.q_side][0][0]]
+    (pc, pb, pf), (vc, vb, vf) = _dims(root, p_side), _dims(root, 1 - p_side)
+    if len(pc) != 1 or nonunit([labels[pc[0]]], sizes) != ["s"]:
+        raise Refused("the probabilities·v dot does not contract the key axis alone")
+    a.bs = [("b", j) for j in range(a.nb) if sizes[("b", j)] > 1]
+    a.gs = [ren[(a.q_side, d)] for d in a.q_free
+            if d != a.t_dim and sizes[ren[(a.q_side, d)]] > 1]
+    p_batch = nonunit([labels[d] for d in pb], sizes)
+    if sorted(p_batch) != sorted(a.bs) or any(len(nonunit([labels[d]], sizes)) > 1 for d in pb):
+        raise Refused("the probabilities·v dot pairs batch axes other than q·kᵀ's")
+    if sorted(nonunit([labels[d] for d in pf], sizes), key=str) != sorted(
+            nonunit([("t",)], sizes) + a.gs, key=str):
+        raise Refused("the probabilities·v dot keeps axes other than the queries'")
+    v = a.v
+    hv = [d for d in vf if v.aval.shape[d] > 1]
+    if len(hv) != 1:
+        raise Refused(f"the values have {len(hv)} feature axes (one expected)")
+    sizes["hv"] = v.aval.shape[hv[0]]
+    v_lab = [None] * v.aval.ndim
+    v_lab[vc[0]] = ("s",)
+    for j, d in enumerate(vb):
+        v_lab[d] = labels[pb[j]]
+    for d in vf:
+        v_lab[d] = ("hv",) if d == hv[0] else ()
+    a.v_lab = v_lab
+    a.out_labels = [labels[d] for d in pb] + (
+        [labels[d] for d in pf] + [v_lab[d] for d in vf] if p_side == 0
+        else [v_lab[d] for d in vf] + [labels[d] for d in pf])
+
+
+def _regroup_heads(view, a: _Attn) -> None:
+    """Batch atoms as [B, N]; GQA spelt with ``jnp.repeat`` of the key/value heads passes
+    them unrepeated; the kernel's sizes B, T, S, N, Nk, H."""
+    sizes, bs = a.sizes, a.bs
+    kv_atom = None
+    a.lead = bs[:1] if len(bs) >= 2 else []   # canonical B: the first batch atom, N: the rest
+    a.heads = bs[len(a.lead):]
+    if a.heads and not [d for d in a.q_free if d != a.t_dim
+                        and sizes[a.ren[(a.q_side, d)]] > 1]:
+        rk, rv = (unrepeat(view, x, lab, bs[-1]) for x, lab in ((a.k, a.k_lab), (a.v, a.v_lab)))
+        if rk and rv and rk[1] == rv[1] and rk[0].aval.dtype == rv[0].aval.dtype:
+            kv_atom = ("kv",)
+            sizes[kv_atom] = sizes[bs[-1]] // rk[1]
+            a.k, a.v = rk[0], rv[0]
+            a.k_lab, a.v_lab = ([(kv_atom,) if ax == (bs[-1],) else ax for ax in lab]
+                                for lab in (a.k_lab, a.v_lab))
+    q, k, v = a.q, a.k, a.v
+    if q.aval.dtype != k.aval.dtype or q.aval.dtype != v.aval.dtype:
+        raise Refused(f"q, k, v dtypes differ ({q.aval.dtype}, {k.aval.dtype}, {v.aval.dtype})")
+    a.B, a.T, a.S = prod(sizes, a.lead), sizes["t"], sizes["s"]
+    a.kv_heads = a.heads[:-1] + [kv_atom] if kv_atom else a.heads
+    a.N, a.Nk, a.H = prod(sizes, a.heads + a.gs), prod(sizes, a.kv_heads), sizes["h"]
+    a.t_want = _nz(sizes, bs + a.gs + ["t", "s"])  # masks and biases: [B, N, T, S]
+
+
+def _choose_kernel(view, i, name, root, p_side, a: _Attn, eqns) -> None:
+    """Masks, causality, the scale and both dots' precision and types; then the kernel:
+    cuDNN, XLA's ``dot_product_attention`` or graphopt's (block-causal where it pays)."""
+    # Masks and biases in program order; a constant lower-triangular mask is causality.
+    kterms, causal_at = mask_terms(view, a.terms, a.sizes, a.t_want, (a.B, a.N, a.T, a.S))
+    # The causal mask becomes is_causal only alone: with another mask, a row both empty
+    # takes its weights from their fills, which the kernel then replays as written.
+    kinds = [t[0] for t in kterms]
+    a.causal = causal_at is not None and kinds.count("mask") == 1
+    if a.causal:
+        del kterms[causal_at]
+        kinds = [t[0] for t in kterms]
+    a.kterms, a.kinds = kterms, kinds
+    a.q, cq = _scaled(view, a.q, eqns)   # a scalar scale on q or k before the dot joins
+    a.k, ck = _scaled(view, a.k, eqns)
+    a.scale *= cq * ck
+    q, d1 = a.q, a.d1
+    # The kernel keeps both dots' precision and output types, and the dtypes between.
+    a.prec = prec = (_swap(d1.params.get("precision"), a.q_side == 1),
+                     _swap(root.params.get("precision"), p_side == 1))
+    a.out_type = root.params.get("preferred_element_type")
+    a.sdt = functools.reduce(jnp.promote_types, (q.aval.dtype, d1.outvars[0].aval.dtype,
+                                                 a.s.aval.dtype, jnp.float32))  # scores, softmax
+    a.pdt = a.p.aval.dtype
+    a.platform = getattr(view.ctx, "platform", "cpu") if view.ctx is not None else "cpu"
+    # dot_product_attention has no precision or output-type arguments: it is used only
+    # where it computes what the program asks; graphopt's kernel everywhere else.
+    as_is = (all(_default_precision(x) for x in prec) and a.pdt == a.v.aval.dtype
+             and a.out_type in (None, a.v.aval.dtype)
+             and d1.params.get("preferred_element_type") in (None, q.aval.dtype, jnp.float32))
+    one_fill = len({t[4][1] for t in kterms if t[0] == "mask"}) <= 1  # its masks share one fill
+    dpa = as_is and a.sdt == jnp.float32 and kinds == sorted(kinds) and one_fill
+    impl = "xla" if dpa else "kernel"
+    if (a.platform == "gpu" and q.aval.dtype in (jnp.bfloat16, jnp.float16) and a.H % 8 == 0
+            and a.H <= 128 and not kterms):
+        if as_is:
+            impl = "cudnn"
+        else:
+            note(view, i, name, f"cuDNN not used: the attention dots ask for precision "
+                 f"{prec} or output types it cannot take; fused into graphopt's XLA kernel")
+    a.nblk = n_causal_blocks(a.T, a.S) if a.causal and impl != "cudnn" and "mask" not in kinds else 0
+    a.impl = "kernel" if a.nblk else impl
+
+
+def _absorb_layout_after(view, root, a: _Attn, eqns):
+    """Layout changes right after (heads back in place) join the match: no round trip.
+    Returns the value the match now defines."""
+    out_var = root.outvars[0]
+    while view.n_uses(out_var) == 1 and out_var not in view.outputs:
+        (u,) = view.users[out_var]
+        step = layout_step(view, u)
+        if step is None or step[0] == "cast":
+            break
+        try:
+            a.out_labels = replay(a.out_labels, step, a.sizes)
+        except Refused:
+            break
+        eqns.add(u)
+        out_var = view.eqns[u].outvars[0]
+    return out_var
+
+
+def _fused_fn(a: _Attn, out_aval):
+    """The replacement: q, k, v (and the masks' and biases' operands) to the kernel's
+    [B, T, N, H] layout, the kernel, its result back to the program's layout."""
+    sizes, lead, heads, gs, kv_heads = a.sizes, a.lead, a.heads, a.gs, a.kv_heads
+    B, T, S, N, Nk, H = a.B, a.T, a.S, a.N, a.Nk, a.H
+    q_lab, k_lab, v_lab, t_want, kinds = a.q_lab, a.k_lab, a.v_lab, a.t_want, a.kinds
+    scale, causal, impl, nblk, prec = a.scale, a.causal, a.impl, a.nblk, a.prec
+    sdt, pdt, out_type, out_labels = a.sdt, a.pdt, a.out_type, a.out_labels
+    meta = [(kind, lab, bd, mk) for kind, _, lab, bd, mk in a.kterms]
+
+    def fused(q, k, v, *extra):
+        qq = to_layout(jnp, q, q_lab, sizes, _nz(sizes, lead + ["t"] + heads + gs + ["h"]),
+                       (B, T, N, H))
+        kk = to_layout(jnp, k, k_lab, sizes, _nz(sizes, lead + ["s"] + kv_heads + ["h"]),
+                       (B, S, Nk, H))
+        vv = to_layout(jnp, v, v_lab, sizes, _nz(sizes, lead + ["s"] + kv_heads + ["hv"]),
+                       (B, S, Nk, sizes["hv"]))
+        ts = []
+        for x, (kind, lab, bd, mk) in zip(extra, meta):
+            x = jnp.broadcast_to(lax.broadcast_in_dim(x, mk[3], bd), mk[2])  # add/select
+            if kind == "bias":                                           # may broadcast too
+                ts.append(("bias", to_layout(jnp, x, lab, sizes, t_want, (B, N, T, S))))
+                continue
+            full = (x == 0) if mk[4] else x   # an additive 0 / -big mask: kept where 0
+            full = full if mk[0] else ~full
+            ts.append(("mask", to_layout(jnp, full, lab, sizes, t_want, (B, N, T, S)), mk[1]))
+        if impl != "kernel":  # biases before masks here (kinds sorted): as the program
+            bias = sum(t[1] for t in ts if t[0] == "bias") if "bias" in kinds else None
+            mask = functools.reduce(jnp.logical_and, [t[1] for t in ts if t[0] == "mask"]) \
+                if "mask" in kinds else None
+            o = jax.nn.dot_product_attention(qq, kk, vv, bias=bias, mask=mask, scale=scale,
+                                             is_causal=causal, implementation=impl)
+        else:
+            o = attention_kernel(qq, kk, vv, scale=scale, terms=ts, causal=causal,
+                                 n_blocks=nblk or 1, precision=prec, acc=sdt, p_dtype=pdt,
+                                 out_type=out_type)
+        o_lab = [tuple(lead), ("t",), tuple(heads + gs), ("hv",)]
+        return to_layout(jnp, o, o_lab, sizes, nonunit(out_labels, sizes),
+                         out_aval.shape).astype(out_aval.dtype)
+
+    return fused
+
+NOT_PAYING = "attention left as written where it does not pay"
 RULES = [AttentionRule()]
 RULES_WHERE_IT_PAYS = [AttentionRule(only_where_it_pays=True)]
 

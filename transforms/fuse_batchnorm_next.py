@@ -26,7 +26,7 @@ from jax import lax
 from graphopt import ir
 from graphopt.patterns import Match, Rule, View
 
-from .fuse_batchnorm import AFFINE, FoldAffine, _per_channel
+from .fuse_batchnorm_prev import AFFINE, FoldAffine, _per_channel
 
 _PREV = FoldAffine()
 
@@ -124,90 +124,107 @@ class FoldAffineNext(Rule):
 
     def _find(self, view: View, i, root, a_idx, c, w_in, w_out) -> Match | None:
         act, w = root.invars[a_idx], root.invars[1 - a_idx]
-        out = root.outvars[0]
         if not ir.is_var(act) or not np.issubdtype(act.aval.dtype, np.floating):
             return None
         shape = tuple(act.aval.shape)
         src, steps, eqns = _chain(view, act, c)
-        if not any(n in ("mul", "div") and v is not None and v.aval.shape != () for n, v, _ in steps):
-            return None  # no per-channel scale: not a batch norm
-        if _row_normalized(view, src, shape, c):
-            return None  # a layer/RMS norm's own scale and shift stay with it
-        k = view.producer.get(src) if ir.is_var(src) else None
-        if k is not None and view.eqns[k].primitive.name in self.roots and _PREV.find(view, k) is not None:
-            return None  # the preceding conv/dense absorbs it (FoldAffine)
+        if not _is_foldable_norm(view, src, steps, shape, c, self.roots):
+            return None
+        why = _refusal(view, root, act, w, src, steps, shape)
+        if why is not None:
+            self._refuse(view, root, why)
+            return None
         vecs = [v for _, v, _ in steps if v is not None]
-        first = k if k is not None else -1  # SSA: a value made before src cannot read it
-        if any(ir.is_var(v) and view.producer.get(v, -1) > first and view.depends_on(v, {src})
-               for v in vecs):
-            self._refuse(view, root, "the scale/shift are computed from the activation itself "
-                         "(training-mode batch statistics); only running statistics fold")
-            return None
-        if view.n_uses(act) != 1 or act in view.outputs:
-            self._refuse(view, root, "the per-channel affine's output has another reader "
-                         "(or is a program output), so it stays")
-            return None
-        if not (act.aval.dtype == w.aval.dtype == out.aval.dtype):
-            self._refuse(view, root, "activation, weight and output dtypes differ")
-            return None
-        shifts = any(n in ("add", "sub") for n, _, _ in steps)
-        if root.primitive.name == "conv_general_dilated":
-            p = root.params
-            if p.get("feature_group_count", 1) != 1 or p.get("batch_group_count", 1) != 1:
-                self._refuse(view, root, "grouped convolution")
-                return None
-            pads = any(lo > 0 or hi > 0 for lo, hi in p["padding"])
-            if shifts and (pads or any(d != 1 for d in p.get("lhs_dilation") or ())):
-                self._refuse(view, root, "the conv pads (SAME) or dilates its input with zeros, "
-                             "which the shift does not reach: border outputs would differ; "
-                             "only a VALID conv takes a shift")
-                return None
-        if int(np.prod(w.aval.shape)) > int(np.prod(shape)):
-            self._refuse(view, root, "the weights are larger than the activation: scaling them "
-                         "would cost more than the elementwise pass it saves")
-            return None
-        plan = [(n, y_lhs) for n, _, y_lhs in steps]
-        n_ch = shape[c]
-        prim, params = root.primitive, dict(root.params)
-        is_conv = prim.name == "conv_general_dilated"
-        o_ndim = out.aval.ndim
+        folded = _folded_fn(root, steps, a_idx, shape[c], w_in, w_out)
+        return Match(self.name, frozenset(eqns | {i}), [root.outvars[0]], folded, [src, w, *vecs])
 
-        def folded(x, wt, *vs):
-            dt = x.dtype
-            it = iter(vs)
-            s = jnp.ones((n_ch,), dt)
-            t = jnp.zeros((n_ch,), dt)
-            for name, y_lhs in plan:  # compose y -> a*y + b step by step
-                if name == "neg":
-                    s, t = -s, -t
-                    continue
-                v = jnp.broadcast_to(jnp.ravel(next(it)).astype(dt), (n_ch,))
-                if name == "add":
-                    t = t + v
-                elif name == "sub":
-                    s, t = (s, t - v) if y_lhs else (-s, v - t)
-                elif name == "mul":
-                    s, t = s * v, t * v
-                else:
-                    s, t = s / v, t / v
-            bshape = [1] * wt.ndim
-            bshape[w_in] = n_ch
-            ops = [None, None]
-            ops[a_idx], ops[1 - a_idx] = x, wt * s.reshape(bshape)
-            y = prim.bind(*ops, **params)
-            if not shifts:
-                return y
-            if is_conv:  # every window lies inside the input: the shift adds Σ t·W per output channel
-                bias = jnp.sum(wt * t.reshape(bshape), axis=tuple(d for d in range(wt.ndim) if d != w_out))
-                oshape = [1] * o_ndim
-                oshape[params["dimension_numbers"].out_spec[1]] = bias.shape[0]
-                return y + bias.reshape(oshape)
-            bias = lax.dot_general(t, wt, (((0,), (w_in,)), ((), ())), precision=params.get("precision"))
-            free = o_ndim - bias.ndim  # the activation's free axes in the output
-            oshape = (1,) * free + bias.shape if a_idx == 0 else bias.shape + (1,) * free
+
+def _is_foldable_norm(view: View, src, steps, shape, c, roots) -> bool:
+    """False, without a note, for chains that are no batch norm of the next layer's input."""
+    if not any(n in ("mul", "div") and v is not None and v.aval.shape != () for n, v, _ in steps):
+        return False  # no per-channel scale: not a batch norm
+    if _row_normalized(view, src, shape, c):
+        return False  # a layer/RMS norm's own scale and shift stay with it
+    k = view.producer.get(src) if ir.is_var(src) else None
+    if k is not None and view.eqns[k].primitive.name in roots and _PREV.find(view, k) is not None:
+        return False  # the preceding conv/dense absorbs it (FoldAffine)
+    return True
+
+
+def _refusal(view: View, root, act, w, src, steps, shape) -> str | None:
+    """Why the chain must not fold into ``root`` (said in the report), or None."""
+    out = root.outvars[0]
+    vecs = [v for _, v, _ in steps if v is not None]
+    k = view.producer.get(src) if ir.is_var(src) else None
+    first = k if k is not None else -1  # SSA: a value made before src cannot read it
+    if any(ir.is_var(v) and view.producer.get(v, -1) > first and view.depends_on(v, {src})
+           for v in vecs):
+        return ("the scale/shift are computed from the activation itself "
+                "(training-mode batch statistics); only running statistics fold")
+    if view.n_uses(act) != 1 or act in view.outputs:
+        return ("the per-channel affine's output has another reader "
+                "(or is a program output), so it stays")
+    if not (act.aval.dtype == w.aval.dtype == out.aval.dtype):
+        return "activation, weight and output dtypes differ"
+    shifts = any(n in ("add", "sub") for n, _, _ in steps)
+    if root.primitive.name == "conv_general_dilated":
+        p = root.params
+        if p.get("feature_group_count", 1) != 1 or p.get("batch_group_count", 1) != 1:
+            return "grouped convolution"
+        pads = any(lo > 0 or hi > 0 for lo, hi in p["padding"])
+        if shifts and (pads or any(d != 1 for d in p.get("lhs_dilation") or ())):
+            return ("the conv pads (SAME) or dilates its input with zeros, "
+                    "which the shift does not reach: border outputs would differ; "
+                    "only a VALID conv takes a shift")
+    if int(np.prod(w.aval.shape)) > int(np.prod(shape)):
+        return ("the weights are larger than the activation: scaling them "
+                "would cost more than the elementwise pass it saves")
+    return None
+
+
+def _folded_fn(root, steps, a_idx, n_ch, w_in, w_out):
+    """The replacement: ``root`` on weights scaled per input channel, plus the shift's bias."""
+    plan = [(n, y_lhs) for n, _, y_lhs in steps]
+    shifts = any(n in ("add", "sub") for n, _ in plan)
+    prim, params = root.primitive, dict(root.params)
+    is_conv = prim.name == "conv_general_dilated"
+    o_ndim = root.outvars[0].aval.ndim
+
+    def folded(x, wt, *vs):
+        dt = x.dtype
+        it = iter(vs)
+        s = jnp.ones((n_ch,), dt)
+        t = jnp.zeros((n_ch,), dt)
+        for name, y_lhs in plan:  # compose y -> a*y + b step by step
+            if name == "neg":
+                s, t = -s, -t
+                continue
+            v = jnp.broadcast_to(jnp.ravel(next(it)).astype(dt), (n_ch,))
+            if name == "add":
+                t = t + v
+            elif name == "sub":
+                s, t = (s, t - v) if y_lhs else (-s, v - t)
+            elif name == "mul":
+                s, t = s * v, t * v
+            else:
+                s, t = s / v, t / v
+        bshape = [1] * wt.ndim
+        bshape[w_in] = n_ch
+        ops = [None, None]
+        ops[a_idx], ops[1 - a_idx] = x, wt * s.reshape(bshape)
+        y = prim.bind(*ops, **params)
+        if not shifts:
+            return y
+        if is_conv:  # every window lies inside the input: the shift adds Σ t·W per output channel
+            bias = jnp.sum(wt * t.reshape(bshape), axis=tuple(d for d in range(wt.ndim) if d != w_out))
+            oshape = [1] * o_ndim
+            oshape[params["dimension_numbers"].out_spec[1]] = bias.shape[0]
             return y + bias.reshape(oshape)
+        bias = lax.dot_general(t, wt, (((0,), (w_in,)), ((), ())), precision=params.get("precision"))
+        free = o_ndim - bias.ndim  # the activation's free axes in the output
+        oshape = (1,) * free + bias.shape if a_idx == 0 else bias.shape + (1,) * free
+        return y + bias.reshape(oshape)
 
-        return Match(self.name, frozenset(eqns | {i}), [out], folded, [src, w, *vecs])
-
+    return folded
 
 __all__ = ["FoldAffineNext"]

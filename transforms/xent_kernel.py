@@ -54,6 +54,19 @@ def make_stats(chunk: int, w_vd: bool, chain: tuple, zdt, acc, precision):
     ``("bias", k)`` (add ``vecs[k]``) and ``("mask", k, fill, keep_is_case1)`` (select
     between ``z`` and the scalar ``fill`` by the boolean ``vecs[k]``).
     """
+    zchunk = _zchunk_fn(chain, zdt, acc, precision)
+    stats = _stats_fn(zchunk, chunk, w_vd, acc)
+
+    @jax.custom_jvp
+    def f(h, w, vecs, idx):
+        return stats(h, w, vecs, idx)
+
+    f.defjvp(_jvp_fn(stats, zchunk, chunk, w_vd, acc), symbolic_zeros=True)
+    return f
+
+
+def _zchunk_fn(chain: tuple, zdt, acc, precision):
+    """``zchunk(h, wk, vks)``: one chunk of the logits, the chain applied, in ``acc``."""
     def zchunk(h, wk, vks):
         z = lax.dot_general(h, wk, _DN, precision=precision, preferred_element_type=zdt)
         for op in chain:
@@ -67,15 +80,21 @@ def make_stats(chunk: int, w_vd: bool, chain: tuple, zdt, acc, precision):
                 pred = vks[k][None, :]
                 z = jnp.where(pred, z, f) if keep1 else jnp.where(pred, f, z)
         return z.astype(acc)
+    return zchunk
 
-    def prep(w, vecs):
-        v = w.shape[0] if w_vd else w.shape[1]
-        xs = {"wk": _wchunks(w, chunk, w_vd), "vk": tuple(_vchunks(x, chunk) for x in vecs),
-              "off": jnp.arange(-(-v // chunk)) * chunk}
-        return xs, v
 
+def _prep(w, vecs, chunk, w_vd):
+    """The scan's inputs (W's and the vectors' chunks, each chunk's first column) and V."""
+    v = w.shape[0] if w_vd else w.shape[1]
+    xs = {"wk": _wchunks(w, chunk, w_vd), "vk": tuple(_vchunks(x, chunk) for x in vecs),
+          "off": jnp.arange(-(-v // chunk)) * chunk}
+    return xs, v
+
+
+def _stats_fn(zchunk, chunk, w_vd, acc):
+    """``stats(h, w, vecs, idx)``: one scan over the chunks, an online max and sum of exp."""
     def stats(h, w, vecs, idx):
-        xs, v = prep(w, vecs)
+        xs, v = _prep(w, vecs, chunk, w_vd)
         n = h.shape[0]
 
         def body(carry, xs):
@@ -97,11 +116,11 @@ def make_stats(chunk: int, w_vd: bool, chain: tuple, zdt, acc, precision):
         (m, s, zy, zs), _ = lax.scan(body, init, xs)
         safe = jnp.where(jnp.isfinite(m), m, 0)
         return m, safe + jnp.log(s), zy, zs
+    return stats
 
-    @jax.custom_jvp
-    def f(h, w, vecs, idx):
-        return stats(h, w, vecs, idx)
 
+def _jvp_fn(stats, zchunk, chunk, w_vd, acc):
+    """The custom JVP rule: a second scan, linear in the tangents, chunks recomputed."""
     def jvp(primals, tangents):
         h, w, vecs, idx = primals
         dh, dw, dvecs, _ = tangents
@@ -112,7 +131,7 @@ def make_stats(chunk: int, w_vd: bool, chain: tuple, zdt, acc, precision):
                    for x, t in zip(vecs, dvecs))
         if not live["h"] and not live["w"] and all(t is None for t in dv):
             return outs, tuple(jnp.zeros_like(o) for o in outs)
-        xs, v = prep(w, vecs)
+        xs, v = _prep(w, vecs, chunk, w_vd)
         if live["w"]:
             xs["dwk"] = _wchunks(dw, chunk, w_vd)
         xs["dvk"] = tuple(None if t is None else _vchunks(t, chunk) for t in dv)
@@ -146,9 +165,7 @@ def make_stats(chunk: int, w_vd: bool, chain: tuple, zdt, acc, precision):
         (dm, cnt, dl, dy, ds), _ = lax.scan(body, (zero,) * 5, xs)
         dm = dm / jnp.maximum(lax.stop_gradient(cnt), 1)
         return outs, (dm, dl, dy, ds)
-
-    f.defjvp(jvp, symbolic_zeros=True)
-    return f
+    return jvp
 
 
 def vocab_stats(h, w, labels, *, chunk=1024, w_vd=False, chain=(), vecs=(), zdt=None,

@@ -32,9 +32,9 @@ from graphopt import ir
 from graphopt.patterns import Match, Rule, View
 
 from .xent_forms import (Aff, Env, Exp, Lab, Prod, Refuse, Row, _add, _apply_sel,
-                         _combine, _neg, _one, _reshape_op, _scale, _scale_b, _slice_op, reaches_softmax,
-                         row_index_labels)
+                         _combine, _neg, _one, _reshape_op, _scale, _scale_b, _slice_op, reaches_softmax)
 from .xent_kernel import vocab_stats
+from .xent_labels import LabelReads
 
 
 class XentRegionRule(Rule):
@@ -89,7 +89,7 @@ def _projection(view, i):
     return None
 
 
-class _Region:
+class _Region(LabelReads):
     def __init__(self, view, i, v, chunk, proj):
         self.view, self.i, self.v, self.chunk = view, i, v, chunk
         self.h, self.w, self.w_vd, self.z0, extra = proj
@@ -193,61 +193,6 @@ class _Region:
         kshape = tuple(out.aval.shape[:-1]) + (1,)
         return Row(lambda E: lax.broadcast_in_dim(E.get(x) if ir.is_var(x) else f(E), kshape, bd))
 
-    def label(self, a):
-        """``a`` = α·one_hot(y) + β built outside: a Lab (recording its equations) or None."""
-        view = self.view
-        e = view.producer_eqn(a)
-        if e is None:
-            return None
-        name = e.primitive.name
-        if name == "convert_element_type":
-            got = self.label(e.invars[0])
-        elif name == "eq":
-            got = None
-            for y, io in (e.invars, e.invars[::-1]):
-                ye = view.producer_eqn(y)
-                if (ye is not None and ye.primitive.name == "broadcast_in_dim" and self.is_vocab_iota(io)
-                        and y.aval.shape[-1] == 1):
-                    got = Lab(None, None, ye.invars[0])
-                    self.labeqns |= {view.producer[y]} | ({view.producer[io]} if io in view.producer else set())
-                    break
-        elif name in ("mul", "add", "sub", "div"):
-            x, r = e.invars
-            got = self.label(x) if self.is_v(x) else None
-            if got is None and name in ("mul", "add"):
-                x, r = r, x
-                got = self.label(x) if self.is_v(x) else None
-            if got is not None:
-                rf = self.row_operand(r)
-                if name == "mul":
-                    got = Lab(_scale(got.alpha, rf), _scale_b(got.beta, rf), got.y)
-                elif name == "div":
-                    got = Lab(_scale(got.alpha, rf, jnp.divide), _scale_b(got.beta, rf, jnp.divide), got.y)
-                else:
-                    rf2 = rf if name == "add" else _neg(rf)
-                    got = Lab(got.alpha, _add(got.beta, rf2), got.y)
-        else:
-            return None
-        if got is not None:
-            self.labeqns.add(view.producer[a])
-        return got
-
-    def is_vocab_iota(self, io) -> bool:
-        """``io`` = arange(V) along the last axis (an iota, or one folded to a constant)."""
-        if not ir.is_var(io) or io.aval.shape[-1] != self.v or io.aval.size != self.v:
-            return False
-        ie = self.view.producer_eqn(io)
-        if ie is not None and ie.primitive.name == "iota":
-            return ie.params["dimension"] == io.aval.ndim - 1
-        val = self.view.constant_value(io)
-        return val is not None and np.array_equal(np.asarray(val).reshape(-1), np.arange(self.v))
-
-    def row_operand(self, r):
-        f = self.form_of(r)
-        if not isinstance(f, Row):
-            raise Refuse("one-hot targets combined with a non per-row value")
-        return f.f
-
     # -------------------------------------------------------------- forms
     def v_op(self, k, e):
         name = e.primitive.name
@@ -350,71 +295,6 @@ class _Region:
         return lambda E: (_one(a)(E) * E.stat("zsum", x.sel)
                           + (v * jnp.broadcast_to(b(E), E.stat("zsum", x.sel).shape) if b is not None else 0))
 
-    def set_labels(self, y, sel):
-        key = (y, tuple(id(op) for op in sel))
-        if self.zy_key is not None and self.zy_key[0] != key:
-            raise Refuse("the logits are indexed with two different label arrays or row shifts")
-        self.zy_key = (key, y, sel)
-        self.ref(y)
-
-    def labels(self, E, y, rows):
-        lab = jnp.reshape(E.get(y), rows)
-        hi = int(min(self.v - 1, jnp.iinfo(lab.dtype).max))
-        return lab, (lab >= 0) & (lab <= hi), jnp.clip(lab, 0, hi)
-
-    def onehot_sum(self, p):
-        x, lab = p.aff, p.lab
-        self.set_labels(lab.y, x.sel)
-        def f(E):
-            zy = E.stat("zy", x.sel)
-            _, valid, _ = self.labels(E, lab.y, zy.shape[:-1])
-            valid = valid[..., None]
-            hit = _one(x.a)(E) * zy + (x.b(E) if x.b is not None else 0)
-            # one_hot(y) · x is select(y == j, x, 0) once compiled (XLA rewrites it so): no 0 · inf.
-            term = jnp.where(valid, hit, 0)
-            if lab.beta is not None:
-                return _one(lab.alpha)(E) * term + lab.beta(E) * self.affine_sum(x)(E)
-            return _one(lab.alpha)(E) * term
-        return f
-
-    def gather(self, e, x):
-        view = self.view
-        L, idx = e.invars
-        ax = L.aval.ndim - 1
-        dn, p = e.params["dimension_numbers"], e.params
-        others = tuple(range(ax))
-        rows_idx = row_index_labels(self.view, e) if isinstance(x, Aff) else None
-        if rows_idx is not None:
-            idx = rows_idx
-        elif (not isinstance(x, Aff) or tuple(dn.offset_dims) != () or tuple(dn.collapsed_slice_dims) != (ax,)
-                or tuple(dn.start_index_map) != (ax,) or tuple(dn.operand_batching_dims) != others
-                or tuple(dn.start_indices_batching_dims) != tuple(range(len(others)))
-                or tuple(p["slice_sizes"]) != (1,) * L.aval.ndim):
-            raise Refuse("a gather from the logits that is not take_along_axis over the vocabulary")
-        mode = getattr(p["mode"], "name", str(p["mode"]))
-        if mode not in ("CLIP", "FILL_OR_DROP", "PROMISE_IN_BOUNDS"):
-            raise Refuse(f"gather mode {mode} is not reproduced by the chunked kernel")
-        if not jnp.issubdtype(idx.aval.dtype, jnp.integer):
-            raise Refuse("non-integer labels")
-        fill = p.get("fill_value")
-        fill = np.nan if fill is None else fill
-        self.set_labels(idx, x.sel)
-        out = e.outvars[0]
-        shape, dt = tuple(out.aval.shape), out.aval.dtype
-        del view
-
-        def f(E):
-            zy = E.stat("zy", x.sel)
-            _, valid, _ = self.labels(E, idx, zy.shape[:-1])
-            valid = valid[..., None]
-            lp = _one(x.a)(E) * zy + (x.b(E) if x.b is not None else 0)
-            if mode == "FILL_OR_DROP":
-                lp = jnp.where(valid, lp, jnp.asarray(fill, lp.dtype))
-            elif mode == "PROMISE_IN_BOUNDS":  # XLA clamps the read; the scatter drops the cotangent
-                lp = jnp.where(valid, lp, lax.stop_gradient(lp))
-            return lp.reshape(shape).astype(dt)
-        return f
-
     def compute_stats(self, E):
         d = self.view.eqns[self.i]
         h, w = E.get(self.h), E.get(self.w)
@@ -437,10 +317,20 @@ class _Region:
 
     # -------------------------------------------------------------- the walk
     def run(self):
-        view = self.view
         z = self.follow_chain(self.z0)
         self.z = z
         self.forms[z] = Aff(None, None, ())
+        self._walk()
+        sand = self._sandwiched()
+        mine = self.eqns | self.vregion | sand
+        self._check_no_outside_reads(mine)
+        mine |= self._own_label_eqns(mine)
+        return self._match(mine, sand)
+
+    def _walk(self):
+        """Forward over the equations after the dot: forms of [rows, V] values, exits
+        (vocabulary reductions) and per-row candidates."""
+        view = self.view
         exits = set()
         for k in range(self.i + 1, len(view.eqns)):
             if k in self.eqns:
@@ -467,7 +357,10 @@ class _Region:
                 self.rowcand.add(k)
         if not exits:
             raise Refuse("no reduction over the vocabulary reads the logits")
-        # Per-row equations between two vocabulary reductions are replayed inside.
+
+    def _sandwiched(self) -> set:
+        """Per-row equations between two vocabulary reductions: replayed inside."""
+        view = self.view
         sand, stack = set(), [a for k in self.vregion for a in view.eqns[k].invars]
         while stack:
             a = stack.pop()
@@ -481,7 +374,10 @@ class _Region:
         for k in sand:
             for a in view.eqns[k].invars:
                 self.ref(a)
-        mine = self.eqns | self.vregion | sand
+        return sand
+
+    def _check_no_outside_reads(self, mine: set) -> None:
+        view = self.view
         for k in sorted(mine):
             for o in view.eqns[k].outvars:
                 if not (ir.is_var(o) and self.is_v(o)):
@@ -490,7 +386,10 @@ class _Region:
                 if users or o in view.outputs:
                     raise Refuse(f"a [rows, {self.v}] value ({view.eqns[k].primitive.name}) is also read by "
                                   f"{', '.join(users) or 'the program output'} outside the loss")
-        # One-hot targets built here go too, where nothing else reads them.
+
+    def _own_label_eqns(self, mine: set) -> set:
+        """One-hot targets built here go too, where nothing else reads them."""
+        view = self.view
         lab = set(self.labeqns)
         changed = True
         while changed:
@@ -500,7 +399,10 @@ class _Region:
                 if o in view.outputs or any(u not in mine | lab for u in view.users.get(o, ())):
                     lab.discard(k)
                     changed = True
-        mine |= lab
+        return lab
+
+    def _match(self, mine: set, sand: set) -> Match:
+        view = self.view
         produced = {o for k in mine for o in view.eqns[k].outvars if ir.is_var(o)}
         for a in list(self.outside):
             if a in produced:
@@ -520,7 +422,6 @@ class _Region:
             E = Env(self, dict(zip(args, vals)))
             return [E.get(o) for o in outs]
         return Match("fuse.cross_entropy", frozenset(mine), outs, fused, args)
-
 
 RULES = [XentRegionRule()]
 __all__ = ["XentRegionRule", "RULES"]
