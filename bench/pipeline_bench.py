@@ -43,9 +43,12 @@ def synthetic(n_eqns: int):
     return f
 
 
-def time_it(fn, repeats: int) -> float:
+def time_it(fn, repeats: int, min_seconds: float = 0.5) -> float:
+    """Median seconds of ``fn()`` after one warm-up call, over at least ``repeats`` calls
+    and at least ``min_seconds`` in all (small programs: enough calls to beat the noise)."""
+    fn()
     ts = []
-    for _ in range(repeats):
+    while len(ts) < repeats or sum(ts) < min_seconds:
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)

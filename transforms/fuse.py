@@ -137,13 +137,9 @@ _auto_run = _runner("fuse_attention_auto", fuse_attention.RULES_WHERE_IT_PAYS)
 
 def _attention_where_it_pays(cj, ctx: PassContext | None = None) -> PassResult:
     res = _auto_run(cj, ctx)
-    if (not res.changed and ctx is not None and ctx.platform != "gpu"
+    n = res.stats.details.pop(fuse_attention.NOT_PAYING, 0)  # what the forced pass would fuse
+    if (ctx is not None and ctx.platform != "gpu"
             and ctx.option("fuse_attention_auto", True) is not False):
-        probe = Stats()  # what the forced pass would fuse: say why it stays as written
-        patterns.apply_rules(cj, fuse_attention.RULES, probe, ctx)
-        for n in probe.notes:
-            res.stats.note(n)
-        n = sum(probe.hits.values())
         if n:
             res.stats.note(f"fuse_attention_auto: {n} attention(s) left as written on "
                            f"{ctx.platform}: not causal, masked, or shorter than "
