@@ -30,9 +30,10 @@ from graphopt import analysis, cost, ir, progress
 from graphopt.__main__ import median_time
 from graphopt.models import cnn, gpt, mlp, rnn
 from graphopt.passes import PassContext
-from graphopt.transforms import remat, remat_scan
-from graphopt.transforms.remat_plan import backward_start, build_plan
-from graphopt.transforms.remat_solvers import solve_greedy
+from graphopt.transforms import remat
+from graphopt.transforms.remat import scan as remat_scan
+from graphopt.transforms.remat.plan import backward_start, build_plan
+from graphopt.transforms.remat.solvers import solve_greedy
 
 from remat_solver_gap import solver_gap_rows, sweep_targets
 

@@ -14,8 +14,8 @@ import sys
 import jax
 
 from graphopt.models import cnn, gpt, mlp, rnn
-from graphopt.transforms.remat_plan import backward_start, build_plan
-from graphopt.transforms.remat_solvers import solve_greedy, solve_milp
+from graphopt.transforms.remat.plan import backward_start, build_plan
+from graphopt.transforms.remat.solvers import solve_greedy, solve_milp
 
 QUICK = "--quick" in sys.argv
 FRACS = (0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)  # of the way from least memory to none

@@ -2,7 +2,7 @@
 
 :func:`coverage_table` reads the decisions from the families' own rule tables (prune's
 ``FOLD``/``CSE``/``SIMPLIFY`` rule tables and ``DCE_RULES``, the fusion rules' root
-primitives, ``remat_plan.NO_RECOMPUTE``, ``remat_batch.RULES``, the cost model's
+primitives, ``remat.plan.NO_RECOMPUTE``, ``remat.batch.RULES``, the cost model's
 ``FLOP_RULES``) and from graphopt's own per-equation predicates (``ir.impure``,
 ``ir.has_subjaxprs``), applied to equations of small probe programs where a primitive's
 traits (effects, sub-jaxprs) belong to its equations rather than to its name.
@@ -45,7 +45,7 @@ FAMILY_DOC = {
             "cross-entropy): a primitive is rewritten when it is a fusion rule's root; "
             "`graphopt.rewrite` rules are the user's and not listed",
     "remat keep": "`remat`, choosing what to keep: which primitives may be recomputed",
-    "remat micro-batches": "`remat`, micro-batches (`remat_batch.RULES`): which "
+    "remat micro-batches": "`remat`, micro-batches (`remat.batch.RULES`): which "
                            "primitives may be split along the batch",
 }
 
@@ -209,7 +209,7 @@ def _fuse(p: str, t: Traits) -> str | None:
 
 
 def _remat_keep(p: str, t: Traits) -> str | None:
-    from graphopt.transforms import remat_plan
+    from graphopt.transforms.remat import plan as remat_plan
     # remat_plan.recomputable: pure, known, not NO_RECOMPUTE; others stay saved
     if not t.known or t.impure or p in remat_plan.NO_RECOMPUTE:
         return PASS
@@ -217,7 +217,7 @@ def _remat_keep(p: str, t: Traits) -> str | None:
 
 
 def _remat_micro(p: str, t: Traits) -> str | None:
-    from graphopt.transforms import remat_batch
+    from graphopt.transforms.remat import batch as remat_batch
     if t.effects:
         return REFUSE  # remat_batch.analyse: loops would reorder the effect
     if t.random:
@@ -304,7 +304,7 @@ def render_preface() -> str:
         lines.append(_row([what] + [str(d) for d in decisions("<equation>", t).values()]))
     lines += ["", "A higher-order equation whose sub-jaxpr holds an unknown primitive is "
               "never dropped or recomputed either (`ir.removable_if_dead`, "
-              "`remat_plan.recomputable`).", ""]
+              "`remat.plan.recomputable`).", ""]
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ import pytest
 import graphopt  # noqa: F401  (registers the pass families)
 from graphopt import coverage, ir
 from graphopt.coverage import DECISIONS, FAMILIES, PASS, REFUSE, REWRITE
-from graphopt.transforms import prune, remat_batch, remat_plan
+from graphopt.transforms import prune
+from graphopt.transforms.remat import batch as remat_batch, plan as remat_plan
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "coverage.md"
 

@@ -190,7 +190,7 @@ def test_pre_ad_segments_get_their_vjp_compared_when_jvp_is_skipped():
 
 
 def test_a_wrong_pre_ad_backward_is_caught_with_jvp_only(monkeypatch):
-    from graphopt.transforms import remat as remat_mod
+    from graphopt.transforms.remat import pre_ad as remat_mod  # its segments call fenced
     real = remat_mod.fenced
 
     def doubled(fn, gs, *xs):  # the segments' backward, wrong by a factor of two

@@ -15,9 +15,10 @@ import graphopt
 from graphopt import ir, testing
 from graphopt.passes import PassContext
 from graphopt.models import mlp
-from graphopt.transforms import remat, remat_plan
-from graphopt.transforms.remat_plan import backward_start, build_plan
-from graphopt.transforms.remat_solvers import solve_greedy, solve_milp
+from graphopt.transforms import remat
+from graphopt.transforms.remat import plan as remat_plan
+from graphopt.transforms.remat.plan import backward_start, build_plan
+from graphopt.transforms.remat.solvers import solve_greedy, solve_milp
 
 SIZES = dict(depth=4, width=16, batch=4, T=64)  # activations dominate the weights
 

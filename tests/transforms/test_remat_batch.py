@@ -1,4 +1,4 @@
-"""Micro-batch streaming (transforms/remat_batch.py) and its place in the post-AD remat pass."""
+"""Micro-batch streaming (transforms/remat/batch.py) and its place in the post-AD remat pass."""
 import re
 import numpy as np
 import pytest
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from graphopt import ir, testing
 from graphopt.models import cnn, gpt, mlp, rnn
 from graphopt.passes import PassContext
-from graphopt.transforms import remat, remat_batch
+from graphopt.transforms import remat
+from graphopt.transforms.remat import batch as remat_batch
 
 K = jax.random.PRNGKey(0)
 CNN = dict(batch=8, height=16, width=16, in_channels=3, channels=(8, 16), classes=10)

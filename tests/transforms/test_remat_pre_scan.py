@@ -9,7 +9,7 @@ import graphopt
 from graphopt import ir
 from graphopt.models import gpt
 from graphopt.testing import assert_equivalent
-from graphopt.transforms import remat_pre
+from graphopt.transforms.remat import pre_ad as remat_pre
 
 K = jax.random.PRNGKey(0)
 SIZES = dict(n_layers=3, d_model=32, n_heads=2, seq_len=32, vocab=64, batch=4)

@@ -11,7 +11,8 @@ import graphopt
 from graphopt import ir
 from graphopt.models import _common, mlp
 from graphopt.passes import PassContext
-from graphopt.transforms import remat, remat_batch, remat_plan, remat_scan
+from graphopt.transforms import remat
+from graphopt.transforms.remat import batch as remat_batch, plan as remat_plan, scan as remat_scan
 
 
 def _same(ref, got, rtol=1e-5, atol=1e-5):

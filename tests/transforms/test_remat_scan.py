@@ -1,4 +1,4 @@
-"""Rematerialization of layers under lax.scan (transforms/remat_scan.py), post-AD."""
+"""Rematerialization of layers under lax.scan (transforms/remat/scan.py), post-AD."""
 import functools
 import os
 import subprocess
@@ -17,7 +17,8 @@ from graphopt import ir, testing
 from graphopt.interpreter import Stats
 from graphopt.models import gpt, rnn
 from graphopt.passes import PassContext
-from graphopt.transforms import remat, remat_scan
+from graphopt.transforms import remat
+from graphopt.transforms.remat import scan as remat_scan
 
 K = jax.random.PRNGKey(0)
 GPT = dict(n_layers=2, d_model=32, n_heads=4, seq_len=16, vocab=64, batch=2)

@@ -5,8 +5,8 @@ import pytest
 import jax
 
 from graphopt.models import cnn, mlp
-from graphopt.transforms.remat_plan import Plan, Segment, backward_start, build_plan
-from graphopt.transforms.remat_solvers import solve_greedy, solve_milp
+from graphopt.transforms.remat.plan import Plan, Segment, backward_start, build_plan
+from graphopt.transforms.remat.solvers import solve_greedy, solve_milp
 
 
 def _traced(name):

@@ -19,18 +19,19 @@ body, which XLA's CSE cannot merge with the forward (measured, see docs/remat.md
 
 Which residuals to drop is a greedy order by bytes saved per recomputed FLOP
 (:func:`plan_scans`); the ``remat`` pass measures prefixes of it against the budget. A
-plan can keep dot outputs (:data:`KEEP`, like ``jax.checkpoint``'s dots policies): the
-recomputation then starts from them, and F emits the ones it needs, stacked. Broadcast
-constants reach B as their small sources (:func:`.remat_scan_chunks.sink_broadcasts`).
+plan can keep dot outputs (a row of :data:`.policies.POLICIES`, like ``jax.checkpoint``'s
+dots policies): the recomputation then starts from them, and F emits the ones it needs,
+stacked. Broadcast constants reach B as their small sources
+(:func:`.scan_chunks.sink_broadcasts`).
 
 Deeper levels chunk the stacked carries (the sqrt(L) / nested scan checkpoint), on top
 of the deepest prefix, one pair per level, most bytes per FLOP first; that rewrite lives
-in :mod:`.remat_scan_chunks`. A pair whose length has no divisor, or where no chunk size
+in :mod:`.scan_chunks`. A pair whose length has no divisor, or where no chunk size
 saves bytes (GPT's 4 layers), stays unchunked, with a note.
 
 Must not: drop a residual or chunk a carry that something other than B reads (it stays
 alive anyway), recompute random, effectful or unknown primitives (see
-:func:`.remat_plan.recomputable`), or touch scans whose xs are literals.
+:func:`.plan.recomputable`), or touch scans whose xs are literals.
 """
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ import dataclasses
 
 from graphopt import analysis, ir
 
-from .remat_plan import SAVED_BY, recomputable, split_compares
-from .remat_scan_chunks import Chunking, apply_chunks, plan_chunks, sink_broadcasts
+from .plan import recomputable, split_compares
+from .policies import KEEP, KEEP_ORDER, policy
+from .scan_chunks import Chunking, apply_chunks, plan_chunks, sink_broadcasts
 
 
 @dataclasses.dataclass
@@ -130,16 +132,6 @@ def find_pairs(jaxpr) -> list[ScanPair]:
             pairs.append(ScanPair(fi, bi, by_b[bi], int(f.params["length"]), thru.get(bi, {})))
     seen_b: set = set()  # a backward scan rewritten for two forward scans would clash
     return [p for p in pairs if not (p.b in seen_b or seen_b.add(p.b))]
-
-
-# What a recomputation keeps rather than recomputes, as jax.checkpoint's policies save:
-# "dots" ~ dots_saveable, "dots_no_batch" ~ dots_with_no_batch_dims_saveable, "none" ~
-# nothing_saveable. A kept dot output that is no residual is emitted by F, stacked.
-KEEP = {"dots": SAVED_BY["dots_saveable"],
-        "dots_no_batch": SAVED_BY["dots_with_no_batch_dims_saveable"],
-        "none": SAVED_BY["nothing_saveable"]}
-KEEP_ORDER = ("dots", "dots_no_batch", "none")  # least recomputation first
-_KEEP_DESC = {"dots": "dot outputs kept", "dots_no_batch": "dots without batch dims kept"}
 
 
 def _cone(body, targets, avail, stop=None, kept=frozenset()):
@@ -270,27 +262,28 @@ def _stacked(aval, length):
     return aval.update(shape=(length,) + tuple(aval.shape))
 
 
-def _rewrite_pair(jaxpr, pair: ScanPair, drop: set, stop=None):
-    """New (F eqn, B eqn) with the residuals ``drop`` recomputed inside B's body (from
-    the outputs of F's equations ``stop`` accepts, which F then emits stacked)."""
-    f, b = pair.f_eqn(jaxpr), pair.b_eqn(jaxpr)
-    fcj, bcj = f.params["jaxpr"], b.params["jaxpr"]
-    fb, bb = fcj.jaxpr, bcj.jaxpr
-    nc, nk, nx = ir.scan_layout(f)
-    bnc, bnk, bnx = ir.scan_layout(b)
-    L = pair.length
-    kept_res = [r for j, r in enumerate(pair.residuals) if j not in drop]
-    dropped = [pair.residuals[j] for j in sorted(drop)]
-    avail = {v: bb.invars[p] for v, p in pair.passthrough.items()}
-    for r in kept_res:
-        avail.setdefault(r.body_var, bb.invars[r.bpos[0]])
-    picked, leaves = _cone(fb, [r.body_var for r in dropped], set(avail), stop)
+@dataclasses.dataclass
+class _Feed:
+    """What B's equation must now take in for a recomputation, and the atoms its body
+    reads each of the cone's leaves as."""
+    in_atoms: list = dataclasses.field(default_factory=list)
+    bconstvars: list = dataclasses.field(default_factory=list)  # closed consts of F's body
+    bconsts: list = dataclasses.field(default_factory=list)
+    const_in: list = dataclasses.field(default_factory=list)    # F's consts
+    const_outer: list = dataclasses.field(default_factory=list)
+    xs_in: list = dataclasses.field(default_factory=list)       # stacked carries/dots, F's xs
+    xs_outer: list = dataclasses.field(default_factory=list)
+    f_body_out: list = dataclasses.field(default_factory=list)  # carries and kept dots F emits
+    f_outer: list = dataclasses.field(default_factory=list)
 
-    # leaves -> atoms inside B's body, and what B's equation must pass in
-    new_bconstvars, new_bconsts = [], []      # closed consts of F's body
-    new_const_in, new_const_outer = [], []    # F's consts
-    new_xs_in, new_xs_outer = [], []          # stacked carries/dots and F's xs
-    new_f_body_out, new_f_outer = [], []      # carries and kept dots F now emits
+
+def _feed(f, b, leaves, avail: dict, L: int) -> _Feed:
+    """Leaves of the recomputed cone -> atoms inside B's body, and what B must pass in."""
+    fcj, bb = f.params["jaxpr"], b.params["jaxpr"].jaxpr
+    fb = fcj.jaxpr
+    nc, nk, _ = ir.scan_layout(f)
+    bnc, bnk, _ = ir.scan_layout(b)
+    out = _Feed()
     pos = {v: i for i, v in enumerate(fb.invars)}
     cpos = {v: i for i, v in enumerate(fb.constvars)}
     # An operand B already takes is not passed again: XLA copies a value that enters a
@@ -298,82 +291,94 @@ def _rewrite_pair(jaxpr, pair: ScanPair, drop: set, stop=None):
     b_has = {("c", a): bb.invars[p] for p, a in enumerate(b.invars[:bnc]) if ir.is_var(a)}
     b_has.update({("x", a): bb.invars[p] for p, a in enumerate(b.invars)
                   if p >= bnc + bnk and ir.is_var(a)})
-    in_atoms = []
     for v in leaves:
         if v in avail:
-            in_atoms.append(avail[v])
+            out.in_atoms.append(avail[v])
         elif v in cpos:
             nv = ir.new_var(v.aval)
-            new_bconstvars.append(nv)
-            new_bconsts.append(fcj.consts[cpos[v]])
-            in_atoms.append(nv)
+            out.bconstvars.append(nv)
+            out.bconsts.append(fcj.consts[cpos[v]])
+            out.in_atoms.append(nv)
         elif v not in pos or nc <= pos[v] < nc + nk:
             # a carry, or a kept dot output of F's body: F emits it stacked
             stacked = ir.new_var(_stacked(v.aval, L))
-            new_f_body_out.append(v)
-            new_f_outer.append(stacked)
+            out.f_body_out.append(v)
+            out.f_outer.append(stacked)
             nv = ir.new_var(v.aval)
-            new_xs_in.append(nv)
-            new_xs_outer.append(stacked)
-            in_atoms.append(nv)
+            out.xs_in.append(nv)
+            out.xs_outer.append(stacked)
+            out.in_atoms.append(nv)
         else:
             i = pos[v]
             outer = f.invars[i]
             if ir.is_literal(outer):  # a literal const or xs: used as it is
-                in_atoms.append(outer)
+                out.in_atoms.append(outer)
                 continue
             key = ("c" if i < nc else "x", outer)
-            if key in b_has:
-                in_atoms.append(b_has[key])
-                continue
-            if i < nc:
+            if key not in b_has:
                 nv = ir.new_var(v.aval)
-                new_const_in.append(nv)
-                new_const_outer.append(outer)
-            else:
-                nv = ir.new_var(v.aval)
-                new_xs_in.append(nv)
-                new_xs_outer.append(outer)
-            b_has[key] = nv
-            in_atoms.append(nv)
+                (out.const_in if i < nc else out.xs_in).append(nv)
+                (out.const_outer if i < nc else out.xs_outer).append(outer)
+                b_has[key] = nv
+            out.in_atoms.append(b_has[key])
+    return out
+
+
+def _rewrite_pair(jaxpr, pair: ScanPair, drop: set, stop=None):
+    """New (F eqn, B eqn) with the residuals ``drop`` recomputed inside B's body (from
+    the outputs of F's equations ``stop`` accepts, which F then emits stacked)."""
+    f, b = pair.f_eqn(jaxpr), pair.b_eqn(jaxpr)
+    fcj = f.params["jaxpr"]
+    fb, bb = fcj.jaxpr, b.params["jaxpr"].jaxpr
+    nk = ir.scan_layout(f)[1]
+    kept_res = [r for j, r in enumerate(pair.residuals) if j not in drop]
+    dropped = [pair.residuals[j] for j in sorted(drop)]
+    avail = {v: bb.invars[p] for v, p in pair.passthrough.items()}
+    for r in kept_res:
+        avail.setdefault(r.body_var, bb.invars[r.bpos[0]])
+    picked, leaves = _cone(fb, [r.body_var for r in dropped], set(avail), stop)
+    feed = _feed(f, b, leaves, avail, pair.length)
     cone = ir.make_jaxpr_from(fb, constvars=[], invars=list(leaves),
                               outvars=[r.body_var for r in dropped],
                               eqns=[fb.eqns[i] for i in picked], effects=frozenset())
-    copied, outs = ir.copy_eqns(cone, in_atoms)
+    copied, outs = ir.copy_eqns(cone, feed.in_atoms)
     copied = [ir.eqn_with_name_stack(e, "remat") for e in copied]
 
     # F: drop the residual ys, emit the needed carries
     dropped_y = {r.y for r in dropped}
     keep_y = [y for y in range(len(f.outvars) - nk) if y not in dropped_y]
     f_body = ir.make_jaxpr_from(
-        fb, outvars=list(fb.outvars[:nk]) + [fb.outvars[nk + y] for y in keep_y] + new_f_body_out)
+        fb, outvars=list(fb.outvars[:nk]) + [fb.outvars[nk + y] for y in keep_y] + feed.f_body_out)
     f_body = ir.dce_same_interface(f_body)
     new_f = ir.replace_scan(
         f, jaxpr=ir.closed(f_body, fcj.consts),
-        outvars=list(f.outvars[:nk]) + [f.outvars[nk + y] for y in keep_y] + new_f_outer)
+        outvars=list(f.outvars[:nk]) + [f.outvars[nk + y] for y in keep_y] + feed.f_outer)
+    sub = {bb.invars[p]: o for r, o in zip(dropped, outs) for p in r.bpos}
+    return new_f, sink_broadcasts(jaxpr, _new_b(b, feed, copied, sub))
 
-    # B: consts + F's consts, carries, kept xs + new xs; recompute at the top of the body
-    dropped_pos = {p for r in dropped for p in r.bpos}
-    sub = {}
-    for r, o in zip(dropped, outs):
-        for p in r.bpos:
-            sub[bb.invars[p]] = o
+
+def _new_b(b, feed: _Feed, copied: list, sub: dict):
+    """B taking its consts + F's consts, carries, kept xs + new xs, the recomputation
+    ``copied`` at the top of its body, its reads of dropped residuals ``sub``stituted."""
+    bcj = b.params["jaxpr"]
+    bb = bcj.jaxpr
+    bnc, bnk, _ = ir.scan_layout(b)
+    dropped_pos = {p for p in range(len(bb.invars)) if bb.invars[p] in sub}
     xs_keep = [p for p in range(bnc + bnk, len(b.invars)) if p not in dropped_pos]
-    b_invars = (list(bb.invars[:bnc]) + new_const_in + list(bb.invars[bnc:bnc + bnk])
-                + [bb.invars[p] for p in xs_keep] + new_xs_in)
+    b_invars = (list(bb.invars[:bnc]) + feed.const_in + list(bb.invars[bnc:bnc + bnk])
+                + [bb.invars[p] for p in xs_keep] + feed.xs_in)
     b_eqns = copied + [e.replace(invars=[sub.get(a, a) if ir.is_var(a) else a
                                          for a in e.invars]) for e in bb.eqns]
     b_out = [sub.get(v, v) if ir.is_var(v) else v for v in bb.outvars]
-    b_body = ir.make_jaxpr_from(bb, constvars=list(bb.constvars) + new_bconstvars,
+    b_body = ir.make_jaxpr_from(bb, constvars=list(bb.constvars) + feed.bconstvars,
                                 invars=b_invars, outvars=b_out, eqns=b_eqns)
     lin = list(b.params.get("linear", (False,) * len(b.invars)))
-    b_lin = (lin[:bnc] + [False] * len(new_const_in) + lin[bnc:bnc + bnk]
-             + [lin[p] for p in xs_keep] + [False] * len(new_xs_in))
-    b_outer = (list(b.invars[:bnc]) + new_const_outer + list(b.invars[bnc:bnc + bnk])
-               + [b.invars[p] for p in xs_keep] + new_xs_outer)
-    new_b = ir.replace_scan(b, jaxpr=ir.closed(b_body, list(bcj.consts) + new_bconsts),
-                            invars=b_outer, num_consts=bnc + len(new_const_in), linear=b_lin)
-    return new_f, sink_broadcasts(jaxpr, new_b)
+    b_lin = (lin[:bnc] + [False] * len(feed.const_in) + lin[bnc:bnc + bnk]
+             + [lin[p] for p in xs_keep] + [False] * len(feed.xs_in))
+    b_outer = (list(b.invars[:bnc]) + feed.const_outer + list(b.invars[bnc:bnc + bnk])
+               + [b.invars[p] for p in xs_keep] + feed.xs_outer)
+    return ir.replace_scan(b, jaxpr=ir.closed(b_body, list(bcj.consts) + feed.bconsts),
+                           invars=b_outer, num_consts=bnc + len(feed.const_in), linear=b_lin)
 
 
 def _drop_eqns(jaxpr, plan: ScanPlan, k: int, stats=None) -> list:
@@ -418,8 +423,8 @@ def level_desc(plan: ScanPlan, k: int) -> str:
     if n_chunk:
         out += (f", carries of {n_chunk}/{len(plan.pairs)} scan pair(s) checkpointed every "
                 + ", ".join(str(ch.size) for ch in plan.chunks[:n_chunk]) + " steps")
-    if plan.keep in _KEEP_DESC:
-        out += f", {_KEEP_DESC[plan.keep]}"
+    if policy(plan.keep).desc:
+        out += f", {policy(plan.keep).desc}"
     return out
 
 

@@ -2,10 +2,10 @@
 
 :func:`pre_ad_pass` (the remat pass on a program with no backward pass: ``graphopt.remat``
 or ``graphopt.optimize(loss, memory_budget=...)``) takes a model or loss, cuts its equations into
-segments (:mod:`.remat_plan`) and turns each segment the solver picks into a
+segments (:mod:`.plan`) and turns each segment the solver picks into a
 ``jax.custom_vjp`` function: its forward saves only the segment's inputs, its backward
 recomputes the segment and takes its VJP inside a fenced ``lax.cond`` keyed on the
-incoming cotangent (see :func:`graphopt.transforms.remat.fenced`), so XLA keeps the
+incoming cotangent (see :func:`.fence.fenced`), so XLA keeps the
 recomputation. Which values AD would save is estimated (inputs of non-linear
 primitives); the choice is then checked against XLA's temp memory of the
 differentiated program.
@@ -14,8 +14,9 @@ Scanned layers (``lax.scan``, one equation here) are handled first: their body i
 wrapped in ``jax.checkpoint`` with a policy, so AD's scan saves per iteration only what
 the policy keeps (:func:`checkpoint_scans`). Levels from least to most recomputation:
 ``dots_saveable``, ``dots_with_no_batch_dims_saveable``, ``nothing_saveable`` (carries
-only); the cheapest level whose measured memory meets the budget wins, else the deepest
-one and the segment solver continues on the rest of the function.
+only; the rows of :data:`.policies.POLICIES`); the cheapest level whose measured memory
+meets the budget wins, else the deepest one and the segment solver continues on the
+rest of the function.
 
 Must not: wrap equations that are random, effectful or unknown (their chunk runs as
 is), or change the function's outputs or gradients.
@@ -31,9 +32,11 @@ from graphopt import analysis, ir
 from graphopt.interpreter import Stats
 from graphopt.passes import PassResult
 
-from .remat_budget import choose, infeasible, parse_budget, specs
-from .remat_plan import SAVED_BY, Plan, build_plan, recomputable
-from .remat_solvers import solve_greedy
+from .budget import TOLERANCE, choose, infeasible, parse_budget, specs
+from .fence import fenced
+from .plan import Plan, build_plan, recomputable
+from .policies import SCAN_LEVELS, policy, saved
+from .solvers import solve_greedy
 
 # The name scope of what this module rewrote: a second run leaves such a program alone.
 PRE_AD_SCOPE = "remat_pre_ad"
@@ -67,7 +70,6 @@ def _is_float(aval) -> bool:
 
 def _checkpointed(fn, in_avals, out_avals):
     """``fn`` as a custom_vjp whose backward recomputes it (fenced) and takes its VJP."""
-    from .remat import fenced
     fin = [i for i, a in enumerate(in_avals) if _is_float(a)]
     fout = [i for i, a in enumerate(out_avals) if _is_float(a)]
 
@@ -165,41 +167,27 @@ def apply_pre_ad(cj: ir.ClosedJaxpr, plan: Plan, remat, stats: Stats | None = No
     return ir.trace_flat(run, cj.in_avals)
 
 
-# Scan-body checkpoint levels, least recomputation first.
-SCAN_LEVELS = (
-    ("dots_saveable", jax.checkpoint_policies.dots_saveable),
-    ("dots_with_no_batch_dims_saveable", jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
-    ("nothing_saveable", jax.checkpoint_policies.nothing_saveable),
-)
-
-
 def _checkpointable_scan(e) -> bool:
     # A body the user already checkpointed keeps the user's policy.
     return (e.primitive.name == "scan" and recomputable(e)
             and not any(ir.is_checkpoint(b) for b in e.params["jaxpr"].jaxpr.eqns))
 
 
-def _saved_by(e, level: str) -> bool:
-    """Whether the policy of ``level`` saves ``e``'s output (mirrors jax.checkpoint_policies)."""
-    saved = SAVED_BY[level]
-    return saved is not None and saved(e)
-
-
 def checkpoint_scans(cj: ir.ClosedJaxpr, level: str):
     """(``cj`` with each top-level pure scan's body under ``jax.checkpoint`` with the
     policy of ``level``, FLOPs the backward recomputes, number of scans rewritten)."""
-    policy = dict((n, p) for n, p in SCAN_LEVELS)[level]
+    keep = policy(level).jax_policy
     eqns, flops, n = list(cj.jaxpr.eqns), 0.0, 0
     for i, e in enumerate(eqns):
         if not _checkpointable_scan(e):
             continue
         body = e.params["jaxpr"]
         # prevent_cse=False: the backward scan body is another loop, XLA cannot merge it.
-        f = jax.checkpoint(ir.jaxpr_as_fun(body), policy=policy, prevent_cse=False)
+        f = jax.checkpoint(ir.jaxpr_as_fun(body), policy=keep, prevent_cse=False)
         eqns[i] = ir.eqn_with_name_stack(ir.map_subjaxprs(
             e, lambda sub, is_open, f=f: ir.trace_flat(f, sub.in_avals)), PRE_AD_SCOPE)
         flops += e.params["length"] * sum(analysis.eqn_cost(b).flops for b in body.jaxpr.eqns
-                                          if not _saved_by(b, level))
+                                          if not saved(b, level))
         n += 1
     return ir.closed(ir.make_jaxpr_from(cj.jaxpr, eqns=eqns), cj.consts), flops, n
 
@@ -224,7 +212,7 @@ def grad_temp(cj: ir.ClosedJaxpr) -> int:
 
 
 def remat_jaxpr_pre_ad(cj, memory_budget, solver="auto", max_cuts=128, time_limit=10.0,
-                       tolerance=0.05, stats: Stats | None = None):
+                       tolerance=TOLERANCE, stats: Stats | None = None):
     """(rewritten closed jaxpr, info dict) for a function that AD will differentiate."""
     stats = stats if stats is not None else Stats()
     base = grad_temp(cj)

@@ -1,53 +1,71 @@
 """Micro-batches inside the post-AD remat pass: when to try them and how many.
 
-:mod:`.remat_batch` rewrites a step into loops over micro-batches; this decides where
-the pass (:func:`.remat.remat_pass`) uses that: first, where it recomputes nothing and no
-scan would run K times over; over the scan rewrite's levels, when asked; below the
+:mod:`.batch` rewrites a step into loops over micro-batches; :class:`MicroBatching` is
+how the strategy ladder (:mod:`.ladder`) uses it: first, where it recomputes nothing and
+no scan would run K times over; over the scan rewrite's levels, when asked; below the
 floor of choosing what to keep.
 """
 from __future__ import annotations
 
-from graphopt import analysis
+import dataclasses
+from typing import Callable
+
+from graphopt import analysis, ir
+from graphopt.interpreter import Stats
 from graphopt.passes import PassResult
 
-from . import remat_batch, remat_scan
-from .remat_budget import finish, infeasible
+from . import batch, scan
+from .budget import finish, infeasible, within
 
 
+@dataclasses.dataclass(kw_only=True)
 class MicroBatching:
-    """Micro-batch streaming (:mod:`.remat_batch`) as the pass uses it: first, when it
+    """Micro-batch streaming (:mod:`.batch`) as the pass uses it: first, when it
     recomputes nothing (every reduction over the batch in one loop: gradient
     accumulation) and no ``scan`` would run its iterations K times over (an RNN's steps
     on CPU: 1.5-2x slower), or when ``remat_micro_batches`` asks for it; otherwise below
     the floor of choosing what to keep. The fewest micro-batches that meet the budget win."""
 
-    def __init__(self, original, wrap, measure, budget_bytes, base, stats, option, positions,
-                 names=None):
-        self.original, self.wrap, self.measure = original, wrap, measure
-        self.budget_bytes, self.base, self.stats, self.option = budget_bytes, base, stats, option
-        self.an, self.tried, self.why, self.positions = None, {}, "", positions
-        self.names = names  # per argument place, its name (when the caller knows them)
-        if option is not False:
+    original: ir.ClosedJaxpr      # the program as given (streamed, never a rewritten one)
+    wrap: Callable                # inner program -> the whole program
+    measure: Callable             # program -> bytes
+    budget_bytes: int
+    base: int                     # the un-rematerialized program's bytes
+    stats: Stats
+    option: object                # remat_micro_batches: "auto", True, False or a count
+    positions: list | None = None  # per flat input, its argument place
+    names: list | None = None     # per argument place, its name (when the caller knows them)
+    an: batch.Analysis | None = dataclasses.field(default=None, init=False)
+    flops: float = dataclasses.field(default=0.0, init=False)
+    tried: dict = dataclasses.field(default_factory=dict, init=False)
+    why: str = dataclasses.field(default="", init=False)  # why micro-batching is impossible
+
+    def __post_init__(self):
+        if self.option is not False:
             try:
-                self.an = remat_batch.analyse(original, positions)
+                self.an = batch.analyse(self.original, self.positions)
                 self.flops = self.an.recomputed_flops()
-            except remat_batch.Unstreamable as ex:
+            except batch.Unstreamable as ex:
                 self.why = f"; micro-batching not possible: {ex}"
-                stats.note("remat:" + self.why[1:])
-        self.search = option is True or option == "auto"  # else: that many
-        if self.an is not None and not self.search and self.an.n % option:
-            raise ValueError(f"remat: remat_micro_batches={option} does not divide the batch "
-                             f"of {self.an.n}")
+                self.stats.note("remat:" + self.why[1:])
+        if self.an is not None and not self.search and self.an.n % self.option:
+            raise ValueError(f"remat: remat_micro_batches={self.option} does not divide the "
+                             f"batch of {self.an.n}")
+
+    @property
+    def search(self) -> bool:
+        """Whether to search the count (else: ``option`` micro-batches)."""
+        return self.option is True or self.option == "auto"
 
     def _attempt(self, why: str) -> PassResult | None:
         an = self.an
-        counts = remat_batch.micro_batch_counts(an.n) if self.search else [self.option]
+        counts = batch.micro_batch_counts(an.n) if self.search else [self.option]
         for k in counts:
             if k not in self.tried:
-                prog = self.wrap(remat_batch.stream(self.original, k, an))
+                prog = self.wrap(batch.stream(self.original, k, an))
                 self.tried[k] = (self.measure(prog), prog)
             m, prog = self.tried[k]
-            if m <= self.budget_bytes * 1.05:
+            if within(m, self.budget_bytes):
                 flops = self.flops
                 self.stats.note(f"remat: {why}; the batch of {an.n} ({self._source(an)}) "
                                 f"runs as {k} micro-batches "
@@ -60,7 +78,7 @@ class MicroBatching:
         return None
 
     def _source(self, an) -> str:  # which argument was taken as the batch
-        return remat_batch.batch_source(self.positions, an.batched_in, self.names)
+        return batch.batch_source(self.positions, an.batched_in, self.names)
 
     def _stashed(self) -> str:
         n = len(self.an.stash)
@@ -86,24 +104,24 @@ class MicroBatching:
         the scan rewrite alone), which ``"auto"`` does not trade for FLOPs."""
         if self.an is None or self.option is not True or not self.an.batched_scans:
             return None
-        for keep in remat_scan.KEEP_ORDER:
-            splan = remat_scan.plan_scans(inner, keep)
+        for keep in scan.KEEP_ORDER:
+            splan = scan.plan_scans(inner, keep)
             if len(splan.levels) <= 1:
                 continue
             k_all, _, fl = splan.levels[-1]
             if fl >= flops_keep:
                 continue
-            scanned = remat_scan.apply_scans(inner, splan, k_all)
+            scanned = scan.apply_scans(inner, splan, k_all)
             try:
-                an = remat_batch.analyse(scanned, self.positions)
-            except remat_batch.Unstreamable:
+                an = batch.analyse(scanned, self.positions)
+            except batch.Unstreamable:
                 continue
-            for k in remat_batch.micro_batch_counts(an.n):
-                prog = self.wrap(remat_batch.stream(scanned, k, an))
+            for k in batch.micro_batch_counts(an.n):
+                prog = self.wrap(batch.stream(scanned, k, an))
                 m = self.measure(prog)
-                if m <= self.budget_bytes * 1.05:
-                    remat_scan.apply_scans(inner, splan, k_all, self.stats)
-                    self.stats.note(f"remat: scan rewrite ({remat_scan.level_desc(splan, k_all)}) "
+                if within(m, self.budget_bytes):
+                    scan.apply_scans(inner, splan, k_all, self.stats)
+                    self.stats.note(f"remat: scan rewrite ({scan.level_desc(splan, k_all)}) "
                                     f"run as {k} micro-batches of the batch of {an.n} "
                                     f"({self._source(an)}): {analysis.fmt_flops(fl)} "
                                     f"recomputed against {analysis.fmt_flops(flops_keep)} "

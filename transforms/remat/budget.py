@@ -1,7 +1,7 @@
 """The remat pass's budget: reading it, measuring programs against it, and calibrating
-the plan's byte model to XLA's figure (:func:`choose`), for the post-AD pass
-(:mod:`.remat`), its micro-batches (:mod:`.remat_micro`) and pre-AD placement
-(:mod:`.remat_pre`)."""
+the plan's byte model to XLA's figure (:func:`choose`), for the post-AD ladder
+(:mod:`.ladder`), its micro-batches (:mod:`.micro`) and pre-AD placement
+(:mod:`.pre_ad`)."""
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +15,18 @@ from graphopt.options import parse_budget
 from graphopt.interpreter import Stats
 from graphopt.passes import PassResult
 
-from .remat_plan import Plan
-from .remat_solvers import solve, solve_greedy
+from .plan import Plan
+from .solvers import solve, solve_greedy
+
+# A program measuring up to this fraction over the budget meets it: XLA's figure moves
+# by a few percent with scheduling details no plan controls.
+TOLERANCE = 0.05
+
+
+def within(mem: float, budget_bytes: int) -> bool:
+    """Whether a measured ``mem`` meets ``budget_bytes`` (up to :data:`TOLERANCE` over)."""
+    return mem <= budget_bytes * (1 + TOLERANCE)
+
 
 # ----------------------------------------------------------------------- calibration
 
@@ -94,7 +104,7 @@ def next_target(points, budget_bytes: int, model: float, mem: int):
 
 
 def choose(plan: Plan, build, measure, budget_bytes: int, base_mem: int, *, solver="auto",
-           tolerance: float = 0.05, max_compiles: int = 6, time_limit: float = 10.0,
+           tolerance: float = TOLERANCE, max_compiles: int = 6, time_limit: float = 10.0,
            stats: Stats | None = None, known: dict | None = None, anchor=None):
     """Pick a plan whose measured memory is <= budget * (1 + tolerance), fewest FLOPs.
 
@@ -175,5 +185,6 @@ def finish(prog, stats, how, base, mem, budget_bytes, flops) -> PassResult:
     return PassResult(prog, True, stats)
 
 
-__all__ = ["per_device", "devices_of", "specs", "parse_budget", "xla_temp", "estimated_temp", "MEASURES", "BudgetError",
+__all__ = ["TOLERANCE", "within", "per_device", "devices_of", "specs", "parse_budget", "xla_temp",
+           "estimated_temp", "MEASURES", "BudgetError",
            "next_target", "choose", "infeasible_msg", "infeasible", "finish"]

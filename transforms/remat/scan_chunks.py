@@ -1,4 +1,4 @@
-"""Chunked scan carries (sqrt(L) checkpointing): the deeper levels of :mod:`.remat_scan`.
+"""Chunked scan carries (sqrt(L) checkpointing): the deeper levels of :mod:`.scan`.
 
 On top of the deepest residual prefix, a forward/backward scan pair (F, B) whose F
 emits its carry inputs stacked for B alone is rewritten so the stack shrinks:
@@ -16,7 +16,7 @@ Also here, for both B rewrites: a constant B takes that is a broadcast of a far 
 value enters B as that value and is broadcast again inside (:func:`sink_broadcasts`).
 
 Must not: chunk a carry something other than B reads, or regenerate through random,
-effectful or unknown primitives (see :func:`.remat_plan.recomputable`).
+effectful or unknown primitives (see :func:`.plan.recomputable`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from jax import lax
 
 from graphopt import analysis, ir
 
-from .remat_plan import recomputable
+from .plan import recomputable
 
 
 @dataclasses.dataclass

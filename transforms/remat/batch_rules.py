@@ -1,11 +1,11 @@
-"""The per-primitive rule table of micro-batch streaming (:mod:`.remat_batch`).
+"""The per-primitive rule table of micro-batch streaming (:mod:`.batch`).
 
 A rule says, for one equation that reads a batched value, along which axis each operand
 is read per micro-batch and what each output is: batched along an axis, or a sum / max /
 min over the batch (combined across micro-batches), or "same" (independent of the
 batch). A primitive without a rule stops the rewrite (:class:`Unstreamable` names it).
 Every rule is an exact split of the computation. ``scan`` is ruled in
-:mod:`.remat_batch` (its body is classified like the program).
+:mod:`.batch` (its body is classified like the program).
 """
 from __future__ import annotations
 

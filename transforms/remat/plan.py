@@ -254,17 +254,6 @@ def recomputed_segments(jaxpr, plan: Plan, remat) -> list:
 DOTS = primitives.DOTS
 
 
-def _dot_without_batch_dims(e) -> bool:
-    return e.primitive.name == "dot_general" and not e.params["dimension_numbers"][1][0]
-
-
-# Which equations jax.checkpoint's policies save (mirrored, so a rewrite keeps what the
-# hand-placed policy keeps); nothing_saveable saves none.
-SAVED_BY = {"dots_saveable": lambda e: e.primitive.name in DOTS,
-            "dots_with_no_batch_dims_saveable": _dot_without_batch_dims,
-            "nothing_saveable": None}
-
-
 def build_plan(cj, bwd_start: int | None = None, residuals=None, max_cuts: int = 128,
                max_span: int = 8, dots_kept_span: int = 8) -> Plan:
     """Segments of the forward ``eqns[:bwd_start]`` of ``cj``'s top-level jaxpr.
@@ -325,6 +314,7 @@ def build_plan(cj, bwd_start: int | None = None, residuals=None, max_cuts: int =
                 nbytes, res_bytes, n_pieces)
 
 
-__all__ = ["Plan", "Segment", "DOTS", "SAVED_BY", "build_plan", "candidate_cuts", "backward_start", "recomputable",
+__all__ = ["Plan", "Segment", "DOTS", "build_plan", "candidate_cuts", "backward_start",
+           "recomputable",
            "recomputed_segments", "NO_RECOMPUTE", "COMPARISONS", "float_compare",
            "split_compares"]

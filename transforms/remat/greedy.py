@@ -1,55 +1,28 @@
-"""Solvers choosing which forward segments to rematerialize under a byte target.
+"""The fast remat solver (:func:`solve_greedy`), a heuristic under the byte model.
 
-Both minimize recomputed FLOPs subject to :meth:`Plan.model_bytes` <= target:
-
-- :func:`solve_milp`: exact integer program in the style of Checkmate (scipy's
-  ``milp`` / HiGHS, with a time limit). Binary r_s per segment (recompute it), k_v in
-  [0, 1] per value (it persists: a residual of a kept segment or a live-in of a
-  recomputed one), M >= the largest recomputed segment's residual bytes.
-- :func:`solve_greedy`: the fast heuristic, a DP over the chain of pieces (segments
-  are intervals of consecutive pieces). Per cap on the largest recomputed segment's
-  bytes, it finds the fewest FLOPs for every bucket of bytes saved under an
-  additive byte model (:class:`_Chain`: pieces left as is keep their residuals,
-  recomputed segments their live-ins; a state for how far back the last kept piece
-  lies). Caps are searched by branch and bound over intervals of cap values (the
-  interval's largest cap with its smallest cap's budget bounds it from below). Every
-  DP plan is checked with :meth:`Plan.model_bytes`, asking for more bytes saved by
-  what the additive model missed; a second search prices live-ins from far back as the
-  first one's plan does. The per-cap knapsack (bytes saved per FLOP, exact accounting)
-  adds its plans; the best is then trimmed (segments the target does not need) and
-  improved by exact local search (recompute one more segment, drop others).
-  Unreachable targets get the least-memory plan of the knapsack and the DP.
-
-Each returns a :class:`Solution` (what ran, seconds, the choice, model bytes, FLOPs).
+A DP over the chain of pieces (segments are intervals of consecutive pieces). Per cap on
+the largest recomputed segment's bytes, it finds the fewest FLOPs for every bucket of
+bytes saved under an additive byte model (:class:`_Chain`: pieces left as is keep their
+residuals, recomputed segments their live-ins; a state for how far back the last kept
+piece lies). Caps are searched by branch and bound over intervals of cap values (the
+interval's largest cap with its smallest cap's budget bounds it from below). Every DP
+plan is checked with :meth:`Plan.model_bytes`, asking for more bytes saved by what the
+additive model missed; a second search prices live-ins from far back as the first one's
+plan does. The per-cap knapsack (bytes saved per FLOP, exact accounting) adds its plans;
+the best is then trimmed (segments the target does not need) and improved by exact local
+search (recompute one more segment, drop others). Unreachable targets get the
+least-memory plan of the knapsack and the DP.
 """
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import math
 import time
 
 import numpy as np
 
-from .remat_plan import Plan
-
-
-@dataclasses.dataclass
-class Solution:
-    solver: str
-    remat: list          # bool per segment
-    model_bytes: int
-    flops: float
-    seconds: float
-    feasible: bool
-    status: str = ""
-
-
-def _finish(plan: Plan, name: str, remat, t0, target, status="") -> Solution:
-    remat = [bool(r) for r in remat]
-    mb = plan.model_bytes(remat)
-    return Solution(name, remat, mb, plan.flops(remat), time.perf_counter() - t0,
-                    mb <= target, status)
+from .plan import Plan
+from .solution import Solution, solution
 
 
 class _State:
@@ -351,8 +324,9 @@ def _search(plan: Plan, ch: _Chain, caps: list, target: int, best, buckets: int,
     return best
 
 
-def solve_greedy(plan: Plan, target: int, n_caps: int | None = None, buckets: int = 256,
-                 slack: float = 0.2, max_dp: int | None = None, swap: bool = True) -> Solution:
+def solve_greedy(plan: Plan, target: int, time_limit: float = 10.0, *, n_caps: int | None = None,
+                 buckets: int = 256, slack: float = 0.2, max_dp: int | None = None,
+                 swap: bool = True) -> Solution:
     """Chain DP per cap on the largest recomputed segment's bytes, exact accounting.
 
     For an interval of caps [c_lo, c_hi] (sorted distinct segment residual bytes), the
@@ -365,13 +339,14 @@ def solve_greedy(plan: Plan, target: int, n_caps: int | None = None, buckets: in
     :meth:`Plan.model_bytes`; see the module docstring for the knapsack, the trimming
     and the local search (``swap``).
     Unreachable targets get the least-memory plan found. ``n_caps`` limits the cap
-    values considered (default: all).
+    values considered (default: all). ``time_limit`` is unused (the shared solver
+    signature): the heuristic runs well under a second.
     """
     t0 = time.perf_counter()
     n = len(plan.segments)
     none = [False] * n
     if not n or plan.model_bytes(none) <= target:
-        return _finish(plan, "greedy", none, t0, target)
+        return solution(plan, "greedy", none, t0, target)
     ch = _Chain(plan)
     caps = sorted({s.out_bytes for s in plan.segments})
     if n_caps is not None and len(caps) > n_caps:
@@ -393,8 +368,8 @@ def solve_greedy(plan: Plan, target: int, n_caps: int | None = None, buckets: in
             best = (plan.flops(remat), remat)
     if best is not None:
         remat = _give_back(plan, best[1], target)
-        return _finish(plan, "greedy", _swap(plan, remat, target) if swap else remat, t0, target)
-    return _finish(plan, "greedy", _least_memory(plan, ch, sizes, knap), t0, target)
+        return solution(plan, "greedy", _swap(plan, remat, target) if swap else remat, t0, target)
+    return solution(plan, "greedy", _least_memory(plan, ch, sizes, knap), t0, target)
 
 
 def _least_memory(plan: Plan, ch: _Chain, sizes: list, knap: list) -> list:
@@ -413,90 +388,4 @@ def _least_memory(plan: Plan, ch: _Chain, sizes: list, knap: list) -> list:
     return best
 
 
-def solve_milp(plan: Plan, target: int, time_limit: float = 10.0) -> Solution:
-    """Exact minimum-FLOP choice under the byte model (scipy.optimize.milp, HiGHS)."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix
-
-    t0 = time.perf_counter()
-    segs = plan.segments
-    n = len(segs)
-    pinned = set(plan.pinned)
-    values, index = [], {}
-    for s in segs:
-        for v in list(s.outputs) + list(s.liveins):
-            if v not in index and v not in pinned:
-                index[v] = len(values)
-                values.append(v)
-    m = len(values)
-    nv = n + m + 1                      # r_s, k_v, M
-    c = np.zeros(nv)
-    c[:n] = [s.flops + 1.0 for s in segs]  # +1: among equal-FLOP choices recompute least
-    ri, ci, vals, lo, hi = [], [], [], [], []
-    row = 0
-
-    def add(entries, l, h):
-        nonlocal row
-        for j, x in entries:
-            ri.append(row)
-            ci.append(j)
-            vals.append(x)
-        lo.append(l)
-        hi.append(h)
-        row += 1
-    covers: dict = {}
-    for si, s in enumerate(segs):
-        for v in s.outputs:
-            covers.setdefault(v, []).append(si)
-    for v, sis in covers.items():          # k_v + sum of segments recomputing v >= 1
-        if v in index:
-            add([(n + index[v], 1.0)] + [(si, 1.0) for si in sis], 1.0, np.inf)
-    for si, s in enumerate(segs):
-        for v in s.liveins:                 # k_v >= r_s
-            if v in index:
-                add([(n + index[v], 1.0), (si, -1.0)], 0.0, np.inf)
-        add([(n + m, 1.0), (si, -float(s.out_bytes))], 0.0, np.inf)  # M >= bytes_s r_s
-    per_piece: dict = {}
-    for si, s in enumerate(segs):
-        for p in range(*s.pieces):
-            per_piece.setdefault(p, []).append(si)
-    for p, sis in per_piece.items():       # chosen segments do not overlap
-        if len(sis) > 1:
-            add([(si, 1.0) for si in sis], -np.inf, 1.0)
-    add([(n + j, float(plan.nbytes[v])) for j, v in enumerate(values)] + [(n + m, 1.0)],
-        -np.inf, float(target - sum(plan.nbytes[v] for v in pinned)))
-    A = coo_matrix((vals, (ri, ci)), shape=(row, nv)).tocsr()
-    integrality = np.zeros(nv)
-    integrality[:n] = 1
-    ub = np.ones(nv)
-    ub[n + m] = np.inf
-    res = milp(c, constraints=LinearConstraint(A, lo, hi), integrality=integrality,
-               bounds=Bounds(np.zeros(nv), ub), options={"time_limit": time_limit})
-    if res.x is None:
-        sol = _finish(plan, "milp", [False] * n, t0, target, res.message)
-        sol.feasible = False
-        return sol
-    return _finish(plan, "milp", res.x[:n] > 0.5, t0, target, res.message)
-
-
-def solve(plan: Plan, target: int, solver: str = "auto", time_limit: float = 10.0,
-          milp_max_segments: int = 400) -> Solution:
-    """'milp', 'greedy', or 'auto' (milp up to ``milp_max_segments``, else greedy)."""
-    if solver not in ("auto", "milp", "greedy"):
-        raise ValueError(f"remat: unknown solver {solver!r}; use 'auto', 'milp' or 'greedy'")
-    if solver == "greedy" or (solver == "auto" and len(plan.segments) > milp_max_segments):
-        return solve_greedy(plan, target)
-    sol = solve_milp(plan, target, time_limit)
-    if not sol.feasible:  # the smallest plan the heuristic finds, for the caller to measure
-        g = solve_greedy(plan, target)
-        g.solver = "greedy (milp: " + sol.status.split(".")[0] + ")"
-        return g
-    if solver == "auto":  # the heuristic can only help where milp hit its time limit
-        g = solve_greedy(plan, target)
-        if g.feasible and (not sol.feasible or g.flops < sol.flops):
-            g.solver = "greedy (milp: " + sol.status + ")"
-            return g
-    return sol
-
-
-__all__ = ["Solution", "solve", "solve_milp", "solve_greedy"]
+__all__ = ["solve_greedy"]

@@ -37,11 +37,11 @@ from jax import lax
 
 from graphopt import analysis, ir, primitives
 
-from .remat_batch_rules import (RULES, Unstreamable, batch_inputs, batch_source,
+from .batch_rules import (RULES, Unstreamable, batch_inputs, batch_source,
                                 check_accumulator,
                                 check_linear, combine, identity, micro_params, rebuildable,
                                 shape_of)
-from .remat_plan import float_compare
+from .plan import float_compare
 
 _CALLS = primitives.CALLS | {"custom_jvp_call"}
 
