@@ -1,11 +1,13 @@
 """Equivalence checks for rewrites, for graphopt's tests and for users' own passes.
 
 ``assert_equivalent(f, g, *args)`` compares outputs and gradients of two functions;
-``check_pass(p, f, *args)`` runs a pass on ``f``'s jaxpr and asserts the invariants
-every pass keeps: well-typed, same interface, same outputs and gradients, idempotent.
+``check_pass(p, f, *args, options=...)`` runs a pass on ``f``'s jaxpr, with the options
+``graphopt.optimize`` takes, and asserts the invariants every pass keeps: well-typed, same
+interface, same outputs and gradients, idempotent.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -15,7 +17,9 @@ import jax.numpy as jnp
 
 from . import ir
 from .errors import EquivalenceError
-from .passes import PassContext, check_interface, placement_of, resolve
+from .interpreter import Stats
+from .options import check_rtol, validate
+from .passes import PassContext, PassResult, check_interface, placement_of, resolve
 
 # Default tolerances per dtype, relative to each array's magnitude. Exact rewrites keep
 # float32 near 1e-6, but XLA's own fusion choices move gradients by a few 1e-6 between
@@ -55,7 +59,8 @@ def max_rel_error(a, b) -> float:
     same = np.isnan(a) | ((a == b) & np.isinf(a))
     if np.any(np.isinf(a) & ~same) or np.any(np.isinf(b) & ~same):
         return float("inf")
-    diff = np.where(same, 0.0, np.abs(a - b))
+    with np.errstate(invalid="ignore"):  # inf - inf where ``same`` masks it anyway
+        diff = np.where(same, 0.0, np.abs(a - b))
     finite = np.where(same, 0.0, np.maximum(np.abs(a), np.abs(b)))
     scale = max(float(np.max(finite)), 1e-30)
     return float(np.max(diff)) / scale
@@ -173,44 +178,115 @@ def assert_equivalent(f: Callable, g: Callable, *args, grads: bool = True,
     return res
 
 
-def check_pass(p, fn: Callable, *args, ctx: PassContext | None = None, rtol: float | None = None,
-               grads: bool = True, expect_change: bool = True):
-    """Run pass ``p`` on ``fn``'s jaxpr and assert every invariant; returns the PassResult.
+@dataclasses.dataclass
+class CheckedPass(PassResult):
+    """:class:`PassResult` of :func:`check_pass`, plus the jaxpr it started from and the
+    comparison it made (``{"outputs": ..., "gradients": ...}``, empty when unchanged)."""
+    before: ir.ClosedJaxpr | None = None
+    comparison: dict = dataclasses.field(default_factory=dict)
 
-    Invariants: ``check_jaxpr`` holds, inputs/outputs keep their avals, outputs and
-    gradients match the original, a second run changes nothing (idempotence), and, when
-    ``expect_change``, the pass did change something.
+
+def _vjp_outs(cj, xs, pos, cots):
+    """Outputs of ``cj`` and its VJP w.r.t. the float inputs ``pos`` (float outputs only)."""
+    def f(*fl):
+        full = list(xs)
+        for i, v in zip(pos, fl):
+            full[i] = v
+        return [o for o in ir.eval_jaxpr(cj, *full) if _is_float(o)]
+    outs = ir.eval_jaxpr(cj, *xs)
+    if not pos or not cots:
+        return outs, []
+    _, vjp = jax.vjp(f, *[xs[i] for i in pos])
+    return outs, list(vjp(list(cots)))
+
+
+def _compare_compiled(a, b, flat, grads: bool, rtol) -> dict:
+    """compare_jaxprs, with both programs and their VJPs in one jit: one compile, where
+    eager evaluation would compile every equation on its own."""
+    pos = _float_positions(flat) if grads else []
+    cots = random_like([v for v in a.out_avals if _is_float(v)], seed=1) if pos else []
+
+    def both(xs, cs):
+        return [_vjp_outs(j, xs, pos, cs) for j in (a, b)]
+
+    try:
+        (oa, ga), (ob, gb) = jax.jit(both)(list(flat), cots)
+    except Exception as exc:  # e.g. a while loop: the original has no gradient to compare
+        try:
+            if pos:
+                jax.jit(lambda xs, cs: _vjp_outs(a, xs, pos, cs))(list(flat), cots)
+        except Exception:
+            pos = []
+            (oa, _), (ob, _) = jax.jit(both)(list(flat), cots)
+            return {"outputs": _summ(oa, ob, rtol),
+                    "gradients": {"max_rel_err": 0.0, "ok": True,
+                                  "skipped": f"original not reverse-differentiable: {exc}"}}
+        raise  # the original differentiates: the rewrite's failure is the pass's
+    res = {"outputs": _summ(oa, ob, rtol)}
+    if pos:
+        res["gradients"] = _summ(ga, gb, rtol)
+    return res
+
+
+def check_pass(p, fn: Callable | ir.ClosedJaxpr, *args, ctx: PassContext | None = None,
+               rtol: float | None = None, grads: bool = True, expect_change: bool = True,
+               options: dict | None = None, jit: bool = True) -> CheckedPass:
+    """Run pass ``p`` on ``fn``'s jaxpr and assert every invariant; returns a :class:`CheckedPass`.
+
+    ``fn`` is a function of ``args`` (traced here) or a closed jaxpr taking the flat ``args``.
+
+    ``options`` are the keyword options :func:`graphopt.optimize` takes (checked the same
+    way: a misspelt or bad one raises :class:`~graphopt.OptionError`), handed to the pass
+    through its :class:`PassContext` (merged over ``ctx.options`` when both are given); an
+    option that declares a tolerance (``precision``) sets the default ``rtol``. ``jit``
+    compares both programs and their VJPs in one compile; ``jit=False`` evaluates them
+    equation by equation, cheaper for many tiny programs whose primitives repeat.
+
+    Invariants: ``check_jaxpr`` holds, inputs/outputs keep their avals, a pass that says it
+    changed nothing returns its input, outputs and gradients match the original, a second
+    run changes nothing (idempotence), and, when ``expect_change``, something changed.
     """
     passes = resolve(p)
-    flat, _ = jax.tree_util.tree_flatten(args)
-    cj = jax.make_jaxpr(lambda *xs: fn(*jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(args), list(xs))))(*flat)
+    flat, tree = jax.tree_util.tree_flatten(args)
+    if isinstance(fn, ir.ClosedJaxpr):  # hand-built: programs JAX's own tracing never emits
+        cj = fn
+    else:
+        cj = jax.make_jaxpr(lambda *xs: fn(*jax.tree_util.tree_unflatten(tree, list(xs))))(*flat)
+    names = [q.name for q in passes]
     ctx = ctx or PassContext(placement=placement_of(cj))
-    from .interpreter import Stats
+    if options:
+        checked = validate(dict(options), f"check_pass({', '.join(names)})")
+        ctx = dataclasses.replace(ctx, options={**ctx.options, **checked})
+        rtol = check_rtol(checked) if rtol is None else rtol
     cur, changed, stats = cj, False, Stats()
     for q in passes:
         res = q(cur, ctx)
         ir.check(res.jaxpr)
         check_interface(q.name, cur, res.jaxpr)
+        if res.changed == (res.jaxpr is cur):  # an unchanged pass returns its input
+            said, did = ("something", "its input") if res.changed else ("nothing", "a new jaxpr")
+            raise AssertionError(f"pass {q.name!r} says it changed {said} but returned {did}")
         changed |= res.changed
         stats.merge(res.stats)  # callers assert which rules fired
         cur = res.jaxpr
     if expect_change and not changed:
-        raise AssertionError(f"passes {[q.name for q in passes]} changed nothing")
-    again = cur
+        raise AssertionError(f"passes {names} changed nothing")
+    again, again_changed, again_stats = cur, False, Stats()
     for q in passes:
         r2 = q(again, ctx)
-        again = r2.jaxpr
-    if again is not cur and str(again) != str(cur):
-        raise AssertionError(f"passes {[q.name for q in passes]} are not idempotent")
-    res_cmp = compare_jaxprs(cj, cur, flat, grads, rtol)
+        again, again_changed = r2.jaxpr, again_changed or r2.changed
+        again_stats.merge(r2.stats)
+    if again_changed or (again is not cur and str(again) != str(cur)):
+        raise AssertionError(f"passes {names} are not idempotent: a second run fired "
+                             f"{dict(again_stats.hits)}")
+    compare = _compare_compiled if jit else compare_jaxprs
+    res_cmp = {} if cur is cj else compare(cj, cur, flat, grads, rtol)
     for k, v in res_cmp.items():
         if not v["ok"]:
-            raise EquivalenceError(f"{k} differ after {[q.name for q in passes]}: "
+            raise EquivalenceError(f"{k} differ after {names}: "
                                    f"max relative error {v['max_rel_err']:.3g}")
-    from .passes import PassResult
-    return PassResult(cur, changed, stats)
+    return CheckedPass(cur, changed, stats, before=cj, comparison=res_cmp)
 
 
-__all__ = ["assert_equivalent", "check_pass", "compare_fns", "compare_jaxprs", "max_rel_error",
-           "random_like"]
+__all__ = ["CheckedPass", "assert_equivalent", "check_pass", "compare_fns", "compare_jaxprs",
+           "max_rel_error", "random_like"]

@@ -14,21 +14,10 @@ from jax import lax
 import graphopt
 from graphopt import ir, testing
 from graphopt.models import cnn, gpt
-from graphopt.passes import PassContext, placement_of
 from graphopt.transforms import precision as P
 
 BF16 = np.dtype(jnp.bfloat16)
-
-
-def _ctx(cj, value="bfloat16"):
-    return PassContext(placement=placement_of(cj), options={"precision": value})
-
-
-def _run(fn, *args, value="bfloat16"):
-    cj = jax.make_jaxpr(fn)(*args)
-    res = P.precision_pass(cj, _ctx(cj, value))
-    ir.check(res.jaxpr)
-    return cj, res
+BF = {"precision": "bfloat16"}  # check_pass's options: bfloat16 compute, compared at its rtol
 
 
 def _dots(cj):
@@ -56,18 +45,18 @@ def _mlp_args(key=0):
 
 def test_dots_cast_deny_list_float32_and_interface_kept():
     params, x = _mlp_args()
-    cj, res = _run(_mlp, params, x)
+    res = testing.check_pass(P.precision, _mlp, params, x, options=BF,
+                             expect_change=False)
     assert res.changed
     assert all(np.dtype(a.aval.dtype) == BF16 for e in _dots(res.jaxpr) for a in e.invars[:2])
-    assert not any(np.dtype(a.aval.dtype) == BF16 for e in _dots(cj) for a in e.invars)
+    assert not any(np.dtype(a.aval.dtype) == BF16 for e in _dots(res.before) for a in e.invars)
     for prim in ("exp", "log", "reduce_sum"):  # the deny list runs in float32
         got = _in_dtypes(res.jaxpr, prim)
         assert got and got <= {np.dtype(np.float32)}, (prim, got)
-    assert [ir.aval_str(a) for a in res.jaxpr.out_avals] == [ir.aval_str(a) for a in cj.out_avals]
+    assert [ir.aval_str(a) for a in res.jaxpr.out_avals] == \
+        [ir.aval_str(a) for a in res.before.out_avals]
     d = res.stats.details["precision"]
     assert d["casts_added"] > 0 and d["low_precision_flop_share"] == 1.0
-    testing.assert_equivalent(_mlp, lambda *a: ir.eval_jaxpr(res.jaxpr, *jax.tree.leaves(a))[0],
-                              params, x, rtol=5e-2)
 
 
 def test_idempotent_and_no_convert_chains():
@@ -77,9 +66,7 @@ def test_idempotent_and_no_convert_chains():
         h = (x @ p["w1"]).reshape(4, 4, 8).transpose(0, 2, 1).reshape(4, 32)
         return jnp.sum(jnp.exp(h @ p["w2"]))
 
-    cj, res = _run(f, params, x)
-    again = P.precision_pass(res.jaxpr, _ctx(res.jaxpr))
-    assert not again.changed
+    res = testing.check_pass(P.precision, f, params, x, options=BF)  # idempotent, equivalent
     for e, _, _ in ir.walk_eqns(res.jaxpr):
         if e.primitive.name == "convert_element_type" and ir.is_var(e.invars[0]):
             g = ir.Graph(res.jaxpr)
@@ -87,7 +74,6 @@ def test_idempotent_and_no_convert_chains():
             assert prod is None or prod.primitive.name != "convert_element_type", "convert chain"
     # the shape ops between the dots run on bfloat16 values
     assert BF16 in _in_dtypes(res.jaxpr, "transpose")
-    testing.check_pass(P.precision, f, params, x, ctx=_ctx(cj), rtol=5e-2)
 
 
 def test_integers_and_bools_never_cast():
@@ -98,16 +84,18 @@ def test_integers_and_bools_never_cast():
     a = jnp.arange(32, dtype=jnp.int32).reshape(4, 8)
     b = jnp.ones((8, 8), jnp.int32)
     m = jnp.ones((4, 8), bool)
-    cj, res = _run(f, a, b, m)
+    res = testing.check_pass(P.precision, f, a, b, m, options=BF,
+                             expect_change=False)
     def non_float_converts(j):
         return sorted(str(e) for e, _, _ in ir.walk_eqns(j)
                       if e.primitive.name == "convert_element_type" and not all(
                           jnp.issubdtype(v.aval.dtype, jnp.floating) for v in e.invars + e.outvars))
     assert res.changed  # the float dot at the end is cast ...
-    assert len(non_float_converts(res.jaxpr)) == len(non_float_converts(cj))  # ... nothing else
+    # ... nothing else
+    assert len(non_float_converts(res.jaxpr)) == len(non_float_converts(res.before))
     int_dot = [e for e in _dots(res.jaxpr) if jnp.issubdtype(e.invars[0].aval.dtype, jnp.integer)]
     assert int_dot and all(a.aval.dtype == jnp.int32 for e in int_dot for a in e.invars)
-    out0, out1 = ir.eval_jaxpr(res.jaxpr, a, b, m), ir.eval_jaxpr(cj, a, b, m)
+    out0, out1 = ir.eval_jaxpr(res.jaxpr, a, b, m), ir.eval_jaxpr(res.before, a, b, m)
     assert int(out0[0]) == int(out1[0])
 
 
@@ -122,9 +110,11 @@ def test_float64_only_when_asked():
     with _x64():
         w = jnp.ones((8, 8), jnp.float64)
         f = lambda w: jnp.sum(jnp.tanh(w @ w))  # noqa: E731
-        cj, res = _run(f, w)
+        res = testing.check_pass(P.precision, f, w, options=BF,
+                                 expect_change=False)
         assert not res.changed and any("castable" in n for n in res.stats.notes)
-        cj, res = _run(f, w, value=graphopt.Precision("bfloat16", cast_float64=True))
+        pol = graphopt.Precision("bfloat16", cast_float64=True)
+        res = testing.check_pass(P.precision, f, w, options={"precision": pol})
         assert res.changed and all(a.aval.dtype == BF16 for e in _dots(res.jaxpr)
                                    for a in e.invars)
         assert res.jaxpr.out_avals[0].dtype == jnp.float64
@@ -138,12 +128,14 @@ def test_keep_float32_by_primitive_and_scope_and_unmatched_reported():
 
     w, x = jnp.ones((8, 8)) / 8, jnp.ones((4, 8))
     pol = graphopt.Precision("bfloat16", keep_float32=["router", "no_such_scope"])
-    cj, res = _run(f, w, x, value=pol)
+    res = testing.check_pass(P.precision, f, w, x, options={"precision": pol},
+                             expect_change=False)
     dts = [np.dtype(e.invars[0].aval.dtype) for e in _dots(res.jaxpr)]
     assert dts == [np.dtype(np.float32), BF16]
     assert any("no_such_scope" in n for n in res.stats.notes)
     assert not any("'router'" in n for n in res.stats.notes)
-    _, res = _run(f, w, x, value=graphopt.Precision("bfloat16", keep_float32=["dot_general"]))
+    pol = graphopt.Precision("bfloat16", keep_float32=["dot_general"])
+    res = testing.check_pass(P.precision, f, w, x, options={"precision": pol}, expect_change=False)
     assert all(np.dtype(e.invars[0].aval.dtype) == np.float32 for e in _dots(res.jaxpr))
 
 
@@ -170,9 +162,9 @@ def test_control_flow_bodies_cast():
         return jnp.sum(g(c) ** 2)
 
     w, xs = jax.random.normal(jax.random.PRNGKey(0), (8, 8)) / 3, jnp.ones((5, 4, 8)) / 5
-    cj, res = _run(f, w, xs)
+    res = testing.check_pass(P.precision, f, w, xs, options=BF,
+                             expect_change=False)
     assert _dots(res.jaxpr) and all(e.invars[0].aval.dtype == BF16 for e in _dots(res.jaxpr))
-    testing.assert_equivalent(f, lambda *a: ir.eval_jaxpr(res.jaxpr, *a)[0], w, xs, rtol=5e-2)
 
 
 def test_unknown_primitive_passes_through_reported():
@@ -182,7 +174,8 @@ def test_unknown_primitive_passes_through_reported():
     jax.interpreters.mlir.register_lowering(
         prim, jax.interpreters.mlir.lower_fun(lambda x: x * 2, multiple_results=False))
     w = jnp.ones((8, 8))
-    cj, res = _run(lambda w: jnp.sum(prim.bind(w @ w)), w)
+    res = testing.check_pass(P.precision, lambda w: jnp.sum(prim.bind(w @ w)), w, options=BF,
+                             expect_change=False)
     assert res.stats.unknown["my_opaque_op"] == 1
     opaque = [e for e, _, _ in ir.walk_eqns(res.jaxpr) if e.primitive is prim]
     assert opaque[0].invars[0].aval.dtype == jnp.float32  # fed in its own dtype
@@ -207,14 +200,24 @@ def test_property_random_chains(m, k, n, ops):
     x = jax.random.normal(jax.random.PRNGKey(m), (m, k)) / 3
     w = jax.random.normal(jax.random.PRNGKey(n), (k, n)) / 3
     i = jnp.arange(3)
-    cj, res = _run(f, x, w, i)
-    assert [ir.aval_str(a) for a in res.jaxpr.out_avals] == [ir.aval_str(a) for a in cj.out_avals]
+    # check_pass: outputs within bfloat16's rtol, ints exact, idempotent; gradients not
+    # (relu's custom_jvp keeps a float32 jvp: test_relu_gradient_after_cast)
+    res = testing.check_pass(P.precision, f, x, w, i, options=BF, expect_change=False,
+                             grads=False)
+    assert [ir.aval_str(a) for a in res.jaxpr.out_avals] == \
+        [ir.aval_str(a) for a in res.before.out_avals]
     assert all(e.invars[0].aval.dtype == BF16 for e in _dots(res.jaxpr))
     for prim in ("exp", "reduce_sum"):
         assert _in_dtypes(res.jaxpr, prim) <= {np.dtype(np.float32)}
-    a, b = jax.jit(ir.jaxpr_as_fun(cj))(x, w, i), jax.jit(ir.jaxpr_as_fun(res.jaxpr))(x, w, i)
-    assert testing.max_rel_error(a[0], b[0]) < 0.1 and np.array_equal(a[1], b[1])
-    assert not P.precision_pass(res.jaxpr, _ctx(res.jaxpr)).changed
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="known bug: relu's custom_jvp body is cast to bfloat16 but its jvp "
+                          "rule still expects float32, so the gradient fails to trace")
+def test_relu_gradient_after_cast():
+    w = jnp.ones((3, 2)) / 3
+    testing.check_pass(P.precision, lambda x, w: jnp.sum(jax.nn.relu(x @ w)), jnp.ones((1, 3)),
+                       w, options=BF)
 
 
 # ---------------------------------------------------------------- through optimize

@@ -11,8 +11,6 @@ from graphopt import ir, testing
 from graphopt.models import gpt
 from graphopt.transforms import fuse  # noqa: F401
 
-from fuse_helpers import run_pass
-
 R = np.random.default_rng(0)
 NEXT = "fuse.batchnorm_fold_next"
 B, C, F = 16, 6, 4  # batch, BN channels, next layer's outputs (distinct: counts by shape)
@@ -21,27 +19,6 @@ B, C, F = 16, 6, 4  # batch, BN channels, next layer's outputs (distinct: counts
 def arr(*shape, pos=False):
     a = R.random(shape) + 0.5 if pos else R.normal(size=shape)
     return jnp.asarray(a, jnp.float32)
-
-
-def check(name, fn, *args):
-    """run_pass, then outputs and input gradients (one VJP) equal to the original's, both
-    programs in one compile to keep the file cheap."""
-    cj, out, stats = run_pass(name, fn, *args)
-    flat = jax.tree_util.tree_leaves(args)
-    cots = testing.random_like([v.aval for v in cj.jaxpr.outvars], seed=1)
-
-    def both(*xs):
-        res = []
-        for j in (cj, out):
-            ys, vjp = jax.vjp(lambda *a: ir.eval_jaxpr(j, *a), *xs)
-            res.append((ys, vjp(list(cots))))
-        return res
-    (ya, ga), (yb, gb) = jax.jit(both)(*flat)
-    for what, a, b in (("outputs", ya, yb), ("gradients", ga, gb)):
-        for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-            err = testing.max_rel_error(u, v)
-            assert err <= testing.RTOL[np.dtype(np.float32)], f"{what} differ: {err:.3g}"
-    return cj, out, stats
 
 
 def n_prims(j, name, shape):
@@ -62,13 +39,13 @@ def _mlp_args():
 
 
 def test_dense_gelu_bn_dense_folds():
-    cj, out, stats = check("fuse_batchnorm", _mlp, *_mlp_args())
-    assert stats.hits[NEXT] == 1 and not stats.notes
+    r = testing.check_pass("fuse_batchnorm", _mlp, *_mlp_args())
+    assert r.stats.hits[NEXT] == 1 and not r.stats.notes
     act = (B, C)  # the batch norm's per-activation sub / div / mul are gone
-    assert n_prims(cj, "sub", act) == 1 and n_prims(out, "sub", act) == 0
-    assert n_prims(cj, "div", act) == 1 and n_prims(out, "div", act) == 0
-    assert n_prims(cj, "mul", act) - n_prims(out, "mul", act) == 1
-    assert n_prims(cj, "add", act) - n_prims(out, "add", act) == 1
+    assert n_prims(r.before, "sub", act) == 1 and n_prims(r.jaxpr, "sub", act) == 0
+    assert n_prims(r.before, "div", act) == 1 and n_prims(r.jaxpr, "div", act) == 0
+    assert n_prims(r.before, "mul", act) - n_prims(r.jaxpr, "mul", act) == 1
+    assert n_prims(r.before, "add", act) - n_prims(r.jaxpr, "add", act) == 1
 
 
 _STEP = st.sampled_from(["add", "radd", "sub", "rsub", "mul", "rmul", "div", "neg", "scalar_mul",
@@ -94,8 +71,8 @@ def test_any_per_channel_chain_on_either_dot_side(steps, rhs):
         if rhs:  # the activation as the dot's right operand, contracted on its channels
             return jax.lax.dot_general(w.T, y, (((1,), (1,)), ((), ())))
         return y @ w
-    _, _, stats = check("fuse_batchnorm", f, arr(B, C), arr(C, F), *vs)
-    assert stats.hits[NEXT] == 1
+    r = testing.check_pass("fuse_batchnorm", f, arr(B, C), arr(C, F), *vs)
+    assert r.stats.hits[NEXT] == 1
 
 
 class _Net(nn.Module):
@@ -123,15 +100,15 @@ def _flax(pad="VALID", train=False):
 
 def test_flax_linen_conv_relu_bn_conv_folds():
     f, v, x = _flax()
-    cj, out, stats = check("fuse_batchnorm", f, v, x)
-    assert stats.hits[NEXT] == 1 and not stats.notes
+    r = testing.check_pass("fuse_batchnorm", f, v, x)
+    assert r.stats.hits[NEXT] == 1 and not r.stats.notes
     act = (2, 6, 6, 4)
     for prim in ("sub", "mul"):
-        assert n_prims(cj, prim, act) == 1 and n_prims(out, prim, act) == 0
-    assert n_prims(out, "conv_general_dilated", (2, 4, 4, 5)) == 1
+        assert n_prims(r.before, prim, act) == 1 and n_prims(r.jaxpr, prim, act) == 0
+    assert n_prims(r.jaxpr, "conv_general_dilated", (2, 4, 4, 5)) == 1
     # The default pipeline of graphopt.optimize applies it too, outputs unchanged.
     opt = graphopt.optimize(f)
-    assert testing.max_rel_error(opt(v, x), ir.eval_jaxpr(cj, *jax.tree_util.tree_leaves((v, x)))[0]) < 1e-5
+    assert testing.max_rel_error(opt(v, x), ir.eval_jaxpr(r.before, *jax.tree_util.tree_leaves((v, x)))[0]) < 1e-5
     assert opt.report(v, x).hits()[NEXT] == 1
 
 
@@ -141,14 +118,14 @@ def test_scale_only_folds_into_a_same_padded_conv():
         y = jax.nn.relu(x) * s
         return jax.lax.conv_general_dilated(y, w, (1, 1), "SAME",
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    _, _, stats = check("fuse_batchnorm", f, arr(2, 6, 6, 4), arr(3, 3, 4, 5), arr(4))
-    assert stats.hits[NEXT] == 1
+    r = testing.check_pass("fuse_batchnorm", f, arr(2, 6, 6, 4), arr(3, 3, 4, 5), arr(4))
+    assert r.stats.hits[NEXT] == 1
 
 
 def _refused(fn, *args):
-    cj, out, stats = run_pass("fuse_batchnorm", fn, *args)
-    assert not stats.hits and out is cj
-    return [n for n in stats.notes if n.startswith(NEXT)]
+    r = testing.check_pass("fuse_batchnorm", fn, *args, expect_change=False)
+    assert not r.stats.hits and r.jaxpr is r.before
+    return [n for n in r.stats.notes if n.startswith(NEXT)]
 
 
 def test_refusals_say_which_condition_failed():
@@ -175,8 +152,8 @@ def test_left_to_others_without_a_note():
     # conv/dense → BN → dense with no activation between: the preceding layer takes it.
     def no_act(x, w1, w2, *bn):
         return _bn(x @ w1, *bn) @ w2
-    _, _, stats = check("fuse_batchnorm", no_act, *_mlp_args())
-    assert stats.hits == {"fuse.batchnorm_fold": 1}
+    r = testing.check_pass("fuse_batchnorm", no_act, *_mlp_args())
+    assert r.stats.hits == {"fuse.batchnorm_fold": 1}
     # A layer norm's scale and shift stay with it (its source is a row normalization).
     p = {"scale": arr(C), "bias": arr(C)}
     notes = _refused(lambda x, w, p: gpt.layernorm(p, jnp.tanh(x)) @ w, arr(B, C), arr(C, F), p)

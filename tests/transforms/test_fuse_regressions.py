@@ -14,8 +14,6 @@ from graphopt import analysis, ir, testing
 from graphopt.passes import PassContext, resolve
 from graphopt.transforms import fuse  # noqa: F401
 
-from fuse_helpers import check, run_pass
-
 R = np.random.default_rng(7)
 XOPT = dict(xent_min_bytes=1, xent_chunk=64)   # V=200: 4 chunks, the last one padded
 HIGHEST = lax.Precision.HIGHEST
@@ -60,9 +58,9 @@ def test_xent_float64_computed_in_float64():
     with jax.enable_x64(True):   # scoped: x64 does not leak into other tests
         h, w = arr(16, 8, dtype=jnp.float64), arr(8, 200, dtype=jnp.float64)
         y = jnp.asarray(R.integers(0, 200, 16), jnp.int32)
-        _, out, st = check("fuse_cross_entropy", xent, h, w, y, **XOPT)   # rtol 1e-12 for f64
-        assert st.hits["fuse.cross_entropy"] == 1
-        assert float_dtypes(out) == {np.dtype(np.float64)}   # no float32 step anywhere
+        r = testing.check_pass("fuse_cross_entropy", xent, h, w, y, options=XOPT)
+        assert r.stats.hits["fuse.cross_entropy"] == 1
+        assert float_dtypes(r.jaxpr) == {np.dtype(np.float64)}   # no float32 step anywhere
 
 
 def test_attention_float64_computed_in_float64():
@@ -70,13 +68,13 @@ def test_attention_float64_computed_in_float64():
         q, k, v = (arr(2, n, 3, 4, dtype=jnp.float64) for n in (5, 6, 6))
         mask = jnp.asarray(R.random((2, 3, 5, 6)) > 0.3)
         bias = arr(2, 3, 5, 6, dtype=jnp.float64)
-        _, out, st = check("fuse_attention", attention, q, k, v, mask, bias)
-        assert attn_hits(st) == 1 and float_dtypes(out) == {np.dtype(np.float64)}
+        r = testing.check_pass("fuse_attention", attention, q, k, v, mask, bias)
+        assert attn_hits(r.stats) == 1 and float_dtypes(r.jaxpr) == {np.dtype(np.float64)}
         # Causal, long enough for the block-causal kernel (the CPU default's choice).
         q, k, v = (arr(1, 128, 2, 4, dtype=jnp.float64) for _ in range(3))
-        _, out, st = check("fuse_attention_auto", lambda q, k, v: attention(q, k, v, causal=True),
-                           q, k, v)
-        assert st.hits["fuse.attention.causal"] == 1 and float_dtypes(out) == {np.dtype(np.float64)}
+        r = testing.check_pass("fuse_attention_auto", lambda q, k,
+                               v: attention(q, k, v, causal=True), q, k, v)
+        assert r.stats.hits["fuse.attention.causal"] == 1 and float_dtypes(r.jaxpr) == {np.dtype(np.float64)}
 
 
 # --------------------------------------------------------- 5: the dots' precision is kept
@@ -89,15 +87,15 @@ def dot_params(cj):
 def test_attention_keeps_dot_precision():
     q, k, v = arr(2, 5, 3, 4), arr(2, 6, 3, 4), arr(2, 6, 3, 4)
     f = lambda q, k, v: attention(q, k, v, precision=HIGHEST)  # noqa: E731
-    _, out, st = check("fuse_attention", f, q, k, v)
-    assert attn_hits(st) == 1
-    assert all(p == (HIGHEST, HIGHEST) for p, _, _ in dot_params(out))
+    r = testing.check_pass("fuse_attention", f, q, k, v)
+    assert attn_hits(r.stats) == 1
+    assert all(p == (HIGHEST, HIGHEST) for p, _, _ in dot_params(r.jaxpr))
     # The block-causal kernel (T=128) keeps it too.
     q, k, v = (arr(1, 128, 2, 4) for _ in range(3))
     f = lambda q, k, v: attention(q, k, v, precision=HIGHEST, causal=True)  # noqa: E731
-    _, out, st = check("fuse_attention_auto", f, q, k, v)
-    assert st.hits["fuse.attention.causal"] == 1
-    assert len(dot_params(out)) == 4 and all(p == (HIGHEST, HIGHEST) for p, _, _ in dot_params(out))
+    r = testing.check_pass("fuse_attention_auto", f, q, k, v)
+    assert r.stats.hits["fuse.attention.causal"] == 1
+    assert len(dot_params(r.jaxpr)) == 4 and all(p == (HIGHEST, HIGHEST) for p, _, _ in dot_params(r.jaxpr))
 
 
 def test_attention_precision_keeps_cudnn_out_and_says_why():
@@ -119,17 +117,17 @@ def test_attention_keeps_the_pv_dot_output_type():
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0
         return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v,
                           preferred_element_type=jnp.float32)
-    cj, out, st = check("fuse_attention", f, q, k, v, rtol=2e-2)
-    assert attn_hits(st) == 1 and out.out_avals[0].dtype == jnp.float32
-    assert not [d for d in dot_params(out) if d[2] == jnp.bfloat16]   # no bf16-rounded dot
+    r = testing.check_pass("fuse_attention", f, q, k, v, rtol=2e-2)
+    assert attn_hits(r.stats) == 1 and r.jaxpr.out_avals[0].dtype == jnp.float32
+    assert not [d for d in dot_params(r.jaxpr) if d[2] == jnp.bfloat16]   # no bf16-rounded dot
 
 
 def test_xent_keeps_dot_precision():
     h, w, y = arr(16, 8), arr(8, 200), jnp.asarray(R.integers(0, 200, 16), jnp.int32)
     f = lambda h, w, y: logprob(h, w, y, precision=HIGHEST)  # noqa: E731
-    _, out, st = check("fuse_cross_entropy", f, h, w, y, **XOPT)
-    assert st.hits["fuse.cross_entropy"] == 1    # was left unfused, silently
-    assert dot_params(out) and all(p == (HIGHEST, HIGHEST) for p, _, _ in dot_params(out))
+    r = testing.check_pass("fuse_cross_entropy", f, h, w, y, options=XOPT)
+    assert r.stats.hits["fuse.cross_entropy"] == 1    # was left unfused, silently
+    assert dot_params(r.jaxpr) and all(p == (HIGHEST, HIGHEST) for p, _, _ in dot_params(r.jaxpr))
 
 
 # ------------------------------------------------------------------- 9: forward-mode AD
@@ -177,11 +175,11 @@ def test_block_causal_attention_forward_mode():
 def test_xent_bf16_keeps_dtype_and_is_no_less_accurate():
     h, w = arr(16, 8, dtype=jnp.bfloat16), arr(8, 200, dtype=jnp.bfloat16)
     y = jnp.asarray(R.integers(0, 200, 16), jnp.int32)
-    cj, out, st = check("fuse_cross_entropy", logprob, h, w, y, rtol=2e-2, **XOPT)
-    assert st.hits["fuse.cross_entropy"] == 1
-    assert out.out_avals == cj.out_avals     # dtype bf16 and weak type as the original
+    r = testing.check_pass("fuse_cross_entropy", logprob, h, w, y, rtol=2e-2, options=XOPT)
+    assert r.stats.hits["fuse.cross_entropy"] == 1
+    assert r.jaxpr.out_avals == r.before.out_avals     # dtype bf16 and weak type as the original
     ref = logprob(h.astype(jnp.float32), w.astype(jnp.float32), y)
-    fused = ir.eval_jaxpr(out, h, w, y)[0]
+    fused = ir.eval_jaxpr(r.jaxpr, h, w, y)[0]
     assert testing.max_rel_error(ref, fused) <= testing.max_rel_error(ref, logprob(h, w, y)) + 1e-3
 
 
@@ -195,8 +193,8 @@ def test_xent_label_dtypes_and_out_of_range_labels(dtype):
         return [logprob(h, w, y, mode=m) for m in (None, "clip", "promise_in_bounds")]
     with jax.enable_x64(dtype.endswith("64")):
         y = jnp.asarray(LABELS.astype(dtype))    # wraps for unsigned / int8, as a user's would
-        _, _, st = check("fuse_cross_entropy", f, arr(16, 8), arr(8, 200), y, **XOPT)
-        assert st.hits["fuse.cross_entropy"] == 3
+        r = testing.check_pass("fuse_cross_entropy", f, arr(16, 8), arr(8, 200), y, options=XOPT)
+        assert r.stats.hits["fuse.cross_entropy"] == 3
 
 
 def test_xent_gather_with_narrow_label_dtype():
@@ -207,8 +205,8 @@ def test_xent_gather_with_narrow_label_dtype():
     def f(h, w, y):
         return lax.gather(jax.nn.log_softmax(h @ w), y[:, None], dn, (1, 1), mode="fill")
     y = jnp.asarray(LABELS.astype("int8"))
-    _, _, st = check("fuse_cross_entropy", f, arr(16, 8), arr(8, 200), y, **XOPT)
-    assert st.hits["fuse.cross_entropy"] == 1
+    r = testing.check_pass("fuse_cross_entropy", f, arr(16, 8), arr(8, 200), y, options=XOPT)
+    assert r.stats.hits["fuse.cross_entropy"] == 1
 
 
 # ------------------------------------------------------- masks, biases and their order
@@ -224,8 +222,8 @@ def test_attention_mask_then_bias_on_an_emptied_row():
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0
         s = jnp.where(mask, s, -1e9) + bias
         return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
-    _, _, st = check("fuse_attention", f, q, k, v, mask, bias)
-    assert attn_hits(st) == 1
+    r = testing.check_pass("fuse_attention", f, q, k, v, mask, bias)
+    assert attn_hits(r.stats) == 1
 
 
 def test_attention_causal_and_padding_masks_with_different_fills():
@@ -241,16 +239,17 @@ def test_attention_causal_and_padding_masks_with_different_fills():
             s = jnp.where(pad if first is None else first, s, f1)  # noqa: B023
             s = jnp.where(pad if second is None else second, s, f2)  # noqa: B023
             return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
-        _, _, st = check("fuse_attention", f, q, k, v, pad)
-        assert attn_hits(st) == 1
+        r = testing.check_pass("fuse_attention", f, q, k, v, pad)
+        assert attn_hits(r.stats) == 1
 
 
 def test_attention_neg_inf_fill_left_alone_with_a_note():
     q, k, v = arr(2, 5, 3, 4), arr(2, 6, 3, 4), arr(2, 6, 3, 4)
     mask = jnp.asarray(R.random((2, 3, 5, 6)) > 0.3)
-    _, _, st = run_pass("fuse_attention", lambda q, k, v, m: attention(q, k, v, m, fill=-jnp.inf),
-                        q, k, v, mask)
-    assert not st.hits and any("-inf mask fill may empty a row" in n for n in st.notes)
+    r = testing.check_pass("fuse_attention", lambda q, k, v,
+                           m: attention(q, k, v, m, fill=-jnp.inf), q, k, v, mask,
+                           expect_change=False)
+    assert not r.stats.hits and any("-inf mask fill may empty a row" in n for n in r.stats.notes)
 
 
 @pytest.mark.parametrize("name", ["fuse_attention", "fuse_batchnorm", "fuse_cross_entropy",

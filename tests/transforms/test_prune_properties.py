@@ -1,13 +1,12 @@
-"""Property test: random small elementwise/matmul programs, with the redundancy the
-pruning passes look for mixed in, give the same outputs and gradients after prune."""
-import jax
+"""Property tests of the pruning family (transforms/prune.py): random small
+elementwise/matmul programs, with the redundancy the pruning passes look for mixed in,
+give the same outputs and gradients after prune."""
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graphopt import ir, testing
-from graphopt.passes import PassContext, resolve
 
 N = 3
 # op name -> (arity, fn); all keep the (N, N) shape so any op can follow any other.
@@ -44,24 +43,14 @@ def build(prog, n_inputs=2):
     return f
 
 
-def prune(cj):
-    for p in resolve("prune"):
-        cj = p(cj, PassContext()).jaxpr
-        ir.check(cj)
-    return cj
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prog=program, seed=st.integers(0, 2**16))
 def test_prune_preserves_random_programs(prog, seed):
     f = build(prog)
     xs = testing.random_like([ir.ShapedArray((N, N), jnp.float32)] * 2, seed=seed)
-    cj = jax.make_jaxpr(f)(*xs)
-    out = prune(cj)
-    assert ir.count_eqns(out) <= ir.count_eqns(cj)
-    res = testing.compare_jaxprs(cj, out, xs)
-    assert all(v["ok"] for v in res.values()), (prog, res)
-    assert prune(out).jaxpr.eqns == out.jaxpr.eqns  # a fixpoint: nothing left to do
+    # outputs and gradients kept, type-checked, a fixpoint (a second run changes nothing)
+    res = testing.check_pass("prune", f, *xs, expect_change=False, jit=False)  # eager: tiny
+    assert ir.count_eqns(res.jaxpr) <= ir.count_eqns(res.before)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -69,8 +58,7 @@ def test_prune_preserves_random_programs(prog, seed):
 def test_prune_keeps_nan_and_inf_behaviour(prog, fill):
     f = build(prog)
     xs = [jnp.full((N, N), fill, jnp.float32), jnp.eye(N, dtype=jnp.float32)]
-    cj = jax.make_jaxpr(f)(*xs)
-    out = prune(cj)
-    for a, b in zip(ir.eval_jaxpr(cj, *xs), ir.eval_jaxpr(out, *xs)):
+    res = testing.check_pass("prune", f, *xs, expect_change=False, jit=False)
+    for a, b in zip(ir.eval_jaxpr(res.before, *xs), ir.eval_jaxpr(res.jaxpr, *xs)):
         np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
         np.testing.assert_allclose(np.nan_to_num(a), np.nan_to_num(b), rtol=1e-6)

@@ -10,12 +10,11 @@ from hypothesis import given, settings, strategies as st
 from jax import lax
 
 import graphopt
-import graphopt.passes
 from graphopt import OptionError, ir, testing
 from graphopt.passes import PassContext
 from graphopt.transforms.batch_parallel import batch_parallel_pass
 
-FORCE = PassContext(options={"batch_parallel": "force"})
+FORCE = {"batch_parallel": "force"}
 
 
 def ens_init(k, d=4, h=6, o=2, seed=0):
@@ -45,25 +44,9 @@ def dots(cj) -> int:
     return ir.primitive_counts(cj).get("dot_general", 0)
 
 
-def check(fn, *args, ctx=FORCE, grads=True):
-    """check_pass's invariants, compared through jax.jit (eager evaluation of every
-    equation would compile each one on its own and dominate the test's time)."""
-    flat, tree = jax.tree_util.tree_flatten(args)
-    cj = jax.make_jaxpr(lambda *xs: fn(*jax.tree_util.tree_unflatten(tree, list(xs))))(*flat)
-    res = batch_parallel_pass(cj, ctx)
-    assert res.changed
-    ir.check(res.jaxpr)
-    graphopt.passes.check_interface("batch_parallel", cj, res.jaxpr)
-    assert not batch_parallel_pass(res.jaxpr, ctx).changed  # idempotent
-    cmp = testing.compare_fns(jax.jit(lambda *a: ir.eval_jaxpr(cj, *a)),
-                              jax.jit(lambda *a: ir.eval_jaxpr(res.jaxpr, *a)), flat, grads)
-    assert all(v["ok"] for v in cmp.values()), cmp
-    return res
-
-
 def test_forced_ensemble_pre_ad_batches_dots_outputs_and_gradients_equal():
     ps = ens_init(3)
-    res = check(ens_loss, ps, X)
+    res = testing.check_pass(batch_parallel_pass, ens_loss, ps, X, options=FORCE)
     assert dots(jax.make_jaxpr(ens_loss)(ps, X)) == 6
     assert dots(res.jaxpr) == 2
     assert res.stats.hits["batch_parallel.eqns_batched"] >= 6
@@ -74,8 +57,8 @@ def test_forced_training_step_post_ad_batches_forward_and_backward():
     step = jax.value_and_grad(ens_loss)
     before = jax.make_jaxpr(step)(ps, X)
     # the step's outputs are the gradients: compared without differentiating them again
-    res = check(step, ps, X, ctx=PassContext(placement="post-AD", options=FORCE.options),
-                grads=False)
+    res = testing.check_pass(batch_parallel_pass, step, ps, X, options=FORCE,
+                             ctx=PassContext(placement="post-AD"), grads=False)
     assert dots(before) == 15 and dots(res.jaxpr) <= 5
 
 
@@ -83,7 +66,7 @@ def test_heads_loop_q_k_v_packs_are_sliced_per_use():
     rng = np.random.default_rng(2)
     ws = [{n: jnp.asarray(rng.standard_normal((4, 2)), jnp.float32) for n in "qkv"}
           for _ in range(2)]
-    res = check(heads, ws, X)
+    res = testing.check_pass(batch_parallel_pass, heads, ws, X, options=FORCE)
     assert dots(jax.make_jaxpr(heads)(ws, X)) == 10 and dots(res.jaxpr) == 3
 
 
@@ -122,7 +105,7 @@ def test_refusals_are_reported_and_left_as_written():
                                      (h, 0))[0])
         return jnp.stack(ys)
     ps = ens_init(2)
-    res = check(f, ps, X)
+    res = testing.check_pass(batch_parallel_pass, f, ps, X, options=FORCE)
     notes = " ".join(res.stats.notes)
     assert "custom_vjp_call" in notes and "while" in notes, notes
     counts = ir.primitive_counts(res.jaxpr)
@@ -146,7 +129,8 @@ def test_custom_jvp_lanes_batched_each_keeps_its_own_rule():
         return sum(jnp.sum(act(x @ p["w1"])) for act, p in zip(acts, ps))
     ps = ens_init(4)
     before = jax.make_jaxpr(f)(ps, X)
-    res = check(f, ps, X)  # gradients equal: each lane still uses its own rule
+    # gradients equal: each lane still uses its own rule
+    res = testing.check_pass(batch_parallel_pass, f, ps, X, options=FORCE)
     assert dots(before) == 4 and dots(res.jaxpr) == 1
     assert not any("custom_jvp" in n for n in res.stats.notes)
 
@@ -183,5 +167,5 @@ def test_property_random_ensembles_batch_to_one_dot_per_layer(k, layers):
                 h = jnp.sin(h @ w)
             outs.append(h)
         return sum(outs)
-    res = check(f, ws, X)
+    res = testing.check_pass(batch_parallel_pass, f, ws, X, options=FORCE)
     assert dots(res.jaxpr) == layers

@@ -6,13 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import graphopt
-from graphopt import analysis, ir
+from graphopt import analysis, ir, testing
 from graphopt.models import cnn, gpt
 from graphopt.transforms import fuse  # noqa: F401
 from graphopt.transforms.fuse_dots import chain_order
 from graphopt.transforms.fuse_xent import chunked_cross_entropy
-
-from fuse_helpers import check, run_pass
 
 R = np.random.default_rng(0)
 
@@ -42,12 +40,12 @@ def _cnn():
 
 def test_batchnorm_folds_into_conv():
     p, x = _cnn()
-    cj, out, st = check("fuse_batchnorm", cnn.apply, p, x)
-    assert st.hits["fuse.batchnorm_fold"] == 2
+    r = testing.check_pass("fuse_batchnorm", cnn.apply, p, x)
+    assert r.stats.hits["fuse.batchnorm_fold"] == 2
     # Per-activation sub/mul are gone: one bias add per conv remains.
     act = (2, 8, 8)  # activations [N, H, W, C]; the weights are 4-D too
-    assert n_prims(cj, "mul", lead=act) == 4 and n_prims(out, "mul", lead=act) == 0
-    assert n_prims(out, "sub", lead=act) == 0 and n_prims(out, "conv_general_dilated") == 2
+    assert n_prims(r.before, "mul", lead=act) == 4 and n_prims(r.jaxpr, "mul", lead=act) == 0
+    assert n_prims(r.jaxpr, "sub", lead=act) == 0 and n_prims(r.jaxpr, "conv_general_dilated") == 2
 
 
 def test_batchnorm_folds_into_dense():
@@ -56,26 +54,29 @@ def test_batchnorm_folds_into_dense():
 
     def f(x, w, mean, var, scale, bias):
         return (x @ w - mean) / jnp.sqrt(var + 1e-5) * scale + bias
-    _, out, st = check("fuse_batchnorm", f, x, w, mean, var, scale, bias)
-    assert st.hits["fuse.batchnorm_fold"] == 1 and n_prims(out, "div", 2) == 0
+    r = testing.check_pass("fuse_batchnorm", f, x, w, mean, var, scale, bias)
+    assert r.stats.hits["fuse.batchnorm_fold"] == 1 and n_prims(r.jaxpr, "div", 2) == 0
 
 
 def test_batchnorm_must_not_fire():
     p, x = _cnn()
     # Training mode: the statistics are computed from the conv's own output.
-    _, _, st = run_pass("fuse_batchnorm", lambda p, x: cnn.apply(p, x, train=True), p, x)
-    assert not st.hits
+    r = testing.check_pass("fuse_batchnorm", lambda p, x: cnn.apply(p, x, train=True), p, x,
+                           expect_change=False)
+    assert not r.stats.hits
     # Weights larger than the activation: scaling them would cost more.
     x1, w = arr(1, 64), arr(64, 32)
-    cj, out, st = run_pass("fuse_batchnorm", lambda x, w, s, b: x @ w * s + b, x1, w, arr(32), arr(32))
-    assert not st.hits and out is cj
+    r = testing.check_pass("fuse_batchnorm", lambda x, w, s, b: x @ w * s + b, x1, w, arr(32),
+                           arr(32), expect_change=False)
+    assert not r.stats.hits and r.jaxpr is r.before
 
     # An intermediate read elsewhere.
     def shared(x, w, s, b):
         y = x @ w
         return y * s + b, y
-    _, _, st = run_pass("fuse_batchnorm", shared, arr(64, 8), arr(8, 4), arr(4), arr(4))
-    assert not st.hits
+    r = testing.check_pass("fuse_batchnorm", shared, arr(64, 8), arr(8, 4), arr(4), arr(4),
+                           expect_change=False)
+    assert not r.stats.hits
 
 
 # ----------------------------------------------------------------------- parallel dots
@@ -86,14 +87,14 @@ def test_parallel_qkv_and_gate_up():
 
     def qkv(x, wq, wk, wv):
         return jnp.tanh(x @ wq) + (x @ wk) * (x @ wv)
-    cj, out, st = check("fuse_parallel_dots", qkv, x, *ws)
-    assert st.hits["fuse.parallel_dots"] == 1
-    assert n_prims(cj, "dot_general") == 3 and n_prims(out, "dot_general") == 1
+    r = testing.check_pass("fuse_parallel_dots", qkv, x, *ws)
+    assert r.stats.hits["fuse.parallel_dots"] == 1
+    assert n_prims(r.before, "dot_general") == 3 and n_prims(r.jaxpr, "dot_general") == 1
 
     def gate_up(x, wg, wu):  # batched activations [B, T, d]
         return jax.nn.silu(x @ wg) * (x @ wu)
-    _, out, st = check("fuse_parallel_dots", gate_up, arr(2, 8192, 8), ws[0], ws[1])
-    assert n_prims(out, "dot_general") == 1
+    r = testing.check_pass("fuse_parallel_dots", gate_up, arr(2, 8192, 8), ws[0], ws[1])
+    assert n_prims(r.jaxpr, "dot_general") == 1
 
 
 def test_parallel_dots_on_cpu_leave_a_cached_input_alone():
@@ -103,9 +104,9 @@ def test_parallel_dots_on_cpu_leave_a_cached_input_alone():
 
     def qkv(x, wq, wk, wv):
         return jnp.tanh(x @ wq) + (x @ wk) * (x @ wv)
-    _, out, st = run_pass("fuse_parallel_dots", qkv, x, *ws)
-    assert not st.hits and n_prims(out, "dot_general") == 3
-    assert any("stays in a CPU cache" in n for n in st.notes), st.notes
+    r = testing.check_pass("fuse_parallel_dots", qkv, x, *ws, expect_change=False)
+    assert not r.stats.hits and n_prims(r.jaxpr, "dot_general") == 3
+    assert any("stays in a CPU cache" in n for n in r.stats.notes), r.stats.notes
     cj = jax.make_jaxpr(qkv)(x, *ws)  # elsewhere the byte model alone decides: it fires
     res = graphopt.passes.resolve("fuse_parallel_dots")[0](
         cj, graphopt.passes.PassContext(platform="gpu"))
@@ -114,16 +115,18 @@ def test_parallel_dots_on_cpu_leave_a_cached_input_alone():
 
 def test_parallel_dots_must_not_fire():
     x = arr(2, 64)   # small activation, large weights: concatenating costs more
-    _, _, st = run_pass("fuse_parallel_dots", lambda x, a, b: (x @ a, x @ b), x, arr(64, 64), arr(64, 64))
-    assert not st.hits
+    r = testing.check_pass("fuse_parallel_dots", lambda x, a, b: (x @ a, x @ b), x, arr(64, 64),
+                           arr(64, 64), expect_change=False)
+    assert not r.stats.hits
     # The second weight is computed from the first dot: no common point to fuse at.
     x2, w = arr(64, 8), arr(8, 8)
-    _, _, st = run_pass("fuse_parallel_dots", lambda x, w: x @ (w + (x @ w)[:8]), x2, w)
-    assert not st.hits
+    r = testing.check_pass("fuse_parallel_dots", lambda x, w: x @ (w + (x @ w)[:8]), x2, w,
+                           expect_change=False)
+    assert not r.stats.hits
     # Forced on by option, the small case does fuse.
-    _, _, st = run_pass("fuse_parallel_dots", lambda x, a, b: (x @ a, x @ b), x, arr(64, 64), arr(64, 64),
-                        parallel_dots="always")
-    assert st.hits["fuse.parallel_dots"] == 1
+    r = testing.check_pass("fuse_parallel_dots", lambda x, a, b: (x @ a, x @ b), x, arr(64, 64),
+                           arr(64, 64), expect_change=False, options={"parallel_dots": "always"})
+    assert r.stats.hits["fuse.parallel_dots"] == 1
 
 
 # ------------------------------------------------------------------------ matmul chain
@@ -137,24 +140,25 @@ def test_chain_order_dp():
 def test_matmul_chain_reassociates():
     x, a, b = arr(64, 4, pos=True), arr(4, 64, pos=True), arr(64, 4, pos=True)
     # Reassociation rounds differently; cotangents are random normals, hence 1e-4.
-    cj, out, st = check("fuse_matmul_chain", lambda x, a, b, c: ((x @ a) @ b) @ c, x, a, b,
-                        arr(4, 64, pos=True), rtol=1e-4)
-    assert st.hits["fuse.matmul_chain"] == 1
-    assert analysis.program_cost(out).flops == 2 * (4 * 64 * 4 + 64 * 4 * 4 + 64 * 4 * 64)
-    assert analysis.program_cost(cj).flops == 2 * (64 * 4 * 64 + 64 * 64 * 4 + 64 * 4 * 64)
+    r = testing.check_pass("fuse_matmul_chain", lambda x, a, b, c: ((x @ a) @ b) @ c, x, a, b,
+                           arr(4, 64, pos=True), rtol=1e-4)
+    assert r.stats.hits["fuse.matmul_chain"] == 1
+    assert analysis.program_cost(r.jaxpr).flops == 2 * (4 * 64 * 4 + 64 * 4 * 4 + 64 * 4 * 64)
+    assert analysis.program_cost(r.before).flops == 2 * (64 * 4 * 64 + 64 * 64 * 4 + 64 * 4 * 64)
 
 
 def test_matmul_chain_must_not_fire():
     x, a, b = arr(4, 64), arr(64, 64), arr(64, 64)
-    _, _, st = run_pass("fuse_matmul_chain", lambda x, a, b: (x @ a) @ b, x, a, b)
-    assert not st.hits   # already the cheapest order
+    r = testing.check_pass("fuse_matmul_chain", lambda x, a, b: (x @ a) @ b, x, a, b,
+                           expect_change=False)
+    assert not r.stats.hits   # already the cheapest order
 
     def shared(x, a, b):
         y = x @ a
         return y @ b, y
     x, a, b = arr(64, 4), arr(4, 64), arr(64, 4)
-    _, _, st = run_pass("fuse_matmul_chain", shared, x, a, b)
-    assert not st.hits   # the intermediate product is also returned
+    r = testing.check_pass("fuse_matmul_chain", shared, x, a, b, expect_change=False)
+    assert not r.stats.hits   # the intermediate product is also returned
 
 
 # ---------------------------------------------------------------------- cross entropy
@@ -177,31 +181,31 @@ def _gpt_cached(kw):
 
 def test_cross_entropy_chunked_equal_outputs_and_gradients():
     p, batch = _gpt()
-    cj, out, st = check("fuse_cross_entropy", gpt.loss, p, batch, **XOPT)
-    assert st.hits["fuse.cross_entropy"] == 1
+    r = testing.check_pass("fuse_cross_entropy", gpt.loss, p, batch, options=XOPT)
+    assert r.stats.hits["fuse.cross_entropy"] == 1
     # No [B, T, V] logits remain; the projection runs in a scan over vocabulary chunks.
-    assert any(e.outvars[0].aval.shape == (2, 8, 96) for e, _, _ in ir.walk_eqns(cj))
-    assert not any(e.outvars[0].aval.shape == (2, 8, 96) for e, _, _ in ir.walk_eqns(out))
-    assert n_prims(out, "scan") >= 1
+    assert any(e.outvars[0].aval.shape == (2, 8, 96) for e, _, _ in ir.walk_eqns(r.before))
+    assert not any(e.outvars[0].aval.shape == (2, 8, 96) for e, _, _ in ir.walk_eqns(r.jaxpr))
+    assert n_prims(r.jaxpr, "scan") >= 1
 
 
 def test_cross_entropy_tied_embedding_and_padding():
     p, batch = _gpt(tied=True, vocab=60)   # W = wte.T ([V, d]); 60 is not a multiple of 16
-    _, _, st = check("fuse_cross_entropy", gpt.loss, p, batch, **XOPT)
-    assert st.hits["fuse.cross_entropy"] == 1
+    r = testing.check_pass("fuse_cross_entropy", gpt.loss, p, batch, options=XOPT)
+    assert r.stats.hits["fuse.cross_entropy"] == 1
 
 
 def test_cross_entropy_must_not_fire():
     p, batch = _gpt()
-    _, _, st = run_pass("fuse_cross_entropy", gpt.loss, p, batch)
-    assert not st.hits    # default cost model: 4 KiB of logits is not worth chunking
+    r = testing.check_pass("fuse_cross_entropy", gpt.loss, p, batch, expect_change=False)
+    assert not r.stats.hits    # default cost model: 4 KiB of logits is not worth chunking
 
     def also_returns_logp(h, w, y):
         logp = jax.nn.log_softmax(h @ w)
         return jnp.take_along_axis(logp, y[:, None], axis=-1).sum(), logp
-    _, _, st = run_pass("fuse_cross_entropy", also_returns_logp, arr(8, 4), arr(4, 64),
-                        jnp.arange(8, dtype=jnp.int32), **XOPT)
-    assert not st.hits
+    r = testing.check_pass("fuse_cross_entropy", also_returns_logp, arr(8, 4), arr(4, 64),
+                           jnp.arange(8, dtype=jnp.int32), expect_change=False, options=XOPT)
+    assert not r.stats.hits
 
 
 def test_cross_entropy_gradient_memory():
