@@ -40,8 +40,10 @@ _warned_fp16 = False
 class _Run:
     """Settings and counters shared by every level of one pass run."""
 
-    def __init__(self, pol: Precision, stats: Stats, platform: str = "cpu"):
+    def __init__(self, pol: Precision, stats: Stats, platform: str = "cpu",
+                 placement: str = "pre-AD"):
         self.pol = pol
+        self.placement = placement
         self.low = pol.dtype
         self.castable = pol.castable()
         self.keep = set(pol.keep_float32)
@@ -176,8 +178,9 @@ def _call(lv: Level, eqn, run, high, scopes):
     lv.emit(new, _own(lv, eqn))
 
 
-# Calls whose body may be re-typed to low-precision inputs (their jvp rule is traced
-# on whatever types the call gets; custom_vjp's bwd is not, so it is never re-typed).
+# Calls whose body may be re-typed to low-precision inputs. custom_vjp's bwd is never
+# re-typed; custom_jvp's jvp rule is traced for the call's original types, so its body is
+# re-typed only post-AD (nothing differentiates it after; pre-AD jax.grad would fail).
 _SPECIALISABLE = frozenset({"custom_jvp_call", "pjit", "jit", "closed_call"})
 
 
@@ -193,7 +196,8 @@ def _all_low_safe(cj, run, scopes) -> bool:
 def _specialise(lv: Level, eqn, run, scopes) -> bool:
     """A call fed low-precision values whose body holds only ops the policy runs low
     anyway (``jax.nn.relu``): its body is re-typed so the values stay low across it."""
-    if eqn.primitive.name not in _SPECIALISABLE:
+    if eqn.primitive.name not in _SPECIALISABLE or (
+            eqn.primitive.name == "custom_jvp_call" and run.placement != "post-AD"):
         return False
     lit = [ir.is_literal(a) and _castable(run, a) and _cheap(lv, a, 2) for a in eqn.invars]
     low_in = [(_is_low(lv, run, a) and _castable(run, a)) or lt for a, lt in zip(eqn.invars, lit)]
@@ -376,7 +380,7 @@ def precision_pass(cj: ir.ClosedJaxpr, ctx: PassContext | None = None) -> PassRe
     if pol is None:
         stats.note("precision: no precision option given; nothing cast")
         return PassResult(cj, False, stats)
-    run = _Run(pol, stats, ctx.platform)
+    run = _Run(pol, stats, ctx.platform, ctx.placement)
     out = _rewrite(cj, run)
     for k in sorted(run.keep - run.matched):
         stats.note(f"precision: keep_float32 entry {k!r} matched no primitive or named scope")
