@@ -163,10 +163,11 @@ class View(ir.Graph):
                 continue
             return None
 
-    def depends_on(self, atom, sources) -> bool:
-        """True if ``atom`` is computed (at this level) from any var in ``sources``."""
-        sources = set(sources)
-        stack, seen = [atom], set()
+    def depends_on(self, atom, sources, first: int = 0, *, many: bool = False) -> bool:
+        """True if ``atom`` (any of them, with ``many``) is computed (at this level) from any
+        var in ``sources``. Sources all produced at or after equation ``first``: the walk
+        never goes below it (linear in the span, not the graph)."""
+        sources, stack, seen = set(sources), list(atom) if many else [atom], set()
         while stack:
             a = stack.pop()
             if not ir.is_var(a) or a in seen:
@@ -174,9 +175,9 @@ class View(ir.Graph):
             if a in sources:
                 return True
             seen.add(a)
-            e = self.producer_eqn(a)
-            if e is not None:
-                stack.extend(e.invars)
+            i = self.producer.get(a)
+            if i is not None and i >= first:
+                stack.extend(self.eqns[i].invars)
         return False
 
     def ancestors(self, atom) -> tuple[list[int], list]:

@@ -45,23 +45,6 @@ def _free_dims(eqn, side):
     return [d for d in range(eqn.invars[side].aval.ndim) if d not in c and d not in b]
 
 
-def _reads_any(view, atoms, sources, first: int) -> bool:
-    """Whether any of ``atoms`` is computed from ``sources``, all produced at or after
-    equation ``first``: one walk, never below ``first`` (linear in the span, not the graph)."""
-    sources, stack, seen = set(sources), list(atoms), set()
-    while stack:
-        a = stack.pop()
-        if not ir.is_var(a) or a in seen:
-            continue
-        if a in sources:
-            return True
-        seen.add(a)
-        i = view.producer.get(a)
-        if i is not None and i >= first:
-            stack.extend(view.eqns[i].invars)
-    return False
-
-
 class ParallelDots(DotRule):
     """x @ w1, x @ w2, ... ⇒ split(x @ concat(w1, w2, ...))."""
 
@@ -107,7 +90,7 @@ class ParallelDots(DotRule):
             return None  # found from the last member only, so each group is tried once
         outs = [view.eqns[j].outvars[0] for j in members]
         ws = [view.eqns[j].invars[1 - side] for j in members]
-        if _reads_any(view, ws, outs, members[0]):
+        if view.depends_on(ws, outs, members[0], many=True):
             return None
         mode = view.option("parallel_dots", "auto")
         if mode is False or mode == "never":
