@@ -244,6 +244,7 @@ def test_check_true_with_precision():
     assert errs["outputs"]["ok"] and 0 < errs["outputs"]["max_rel_err"] < 5e-2
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: leg 1 only (.ci/run)
 def test_post_ad_step_flop_share_and_float32_params():
     p = gpt.init(jax.random.PRNGKey(0), **gpt.SIZES)
     o = gpt.init_opt_state(p)

@@ -78,7 +78,8 @@ def _check_near_milp(plan, targets, tol=0.05):
         assert g.flops <= (1 + tol) * m.flops + 1.0, (t, g.flops, m.flops)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+# the CNN's plan takes the MILP ~30 s on 2 cores: leg 1 only (.ci/run)
+@pytest.mark.parametrize("name", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
 def test_greedy_within_5_percent_of_milp_on_traced_plans(name):
     plan = _traced(name)
     _check_near_milp(plan, _targets(plan, (0.1, 0.25, 0.5, 0.75)))
