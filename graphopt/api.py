@@ -86,10 +86,6 @@ class Optimized:
         if not hasattr(self, "__name__"):  # functools.partial and callable objects have none
             self.__name__ = getattr(type(fun), "__name__", "function")
         self.options = validate(dict(options or {}), f"graphopt.optimize({self.__name__})")
-        remat_only = sorted(k for k in self.options if k.startswith("remat_"))
-        if remat_only and self.options.get("memory_budget") is None:
-            raise OptionError(f"graphopt.optimize({self.__name__}): {', '.join(remat_only)} "
-                              "given without memory_budget, so no rematerialization would run")
         self.pass_specs = _pass_list(passes) if passes is not None else default_passes()
         # e.g. a memory budget asks for rematerialization after the other passes
         self.pass_specs += implied_passes(self.options, [p.name for p in resolve(self.pass_specs)])
@@ -97,6 +93,10 @@ class Optimized:
         # options given to graphopt.passes.<name>(...) count too (budget, check tolerance)
         self._settings = dict(self.options)
         self._settings.update((k, v) for p in self.pipeline.passes for k, v in p.options.items())
+        remat_only = sorted(k for k in self._settings if k.startswith("remat_"))
+        if remat_only and self._settings.get("memory_budget") is None:
+            raise OptionError(f"graphopt.optimize({self.__name__}): {', '.join(remat_only)} "
+                              "given without memory_budget, so no rematerialization would run")
         self.check = check
         self.jit = jit
         self.static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)

@@ -203,7 +203,7 @@ def fusion_roots() -> frozenset | None:
 
 def _fuse(p: str, t: Traits) -> str | None:
     roots = fusion_roots()
-    if not t.known or t.impure:  # patterns._check_private: a match never swallows effects
+    if not t.known or t.impure:  # patterns_apply._check_private: a match never swallows effects
         return PASS
     return REWRITE if roots is None or p in roots else PASS
 

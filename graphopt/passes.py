@@ -149,8 +149,8 @@ def configure(name: str, **options) -> list[Pass]:
 
 
 def _factory(name: str) -> Callable[..., list[Pass]]:
-    def make(**options):
-        return configure(name, **options)
+    def make(**options):  # None: not given (the signature's default)
+        return configure(name, **{k: v for k, v in options.items() if v is not None})
     make.__name__ = make.__qualname__ = name
     make.__doc__ = f"Pass {name!r} with its own settings:\n" + "\n".join(
         f"  {k}: {OPTIONS[k].doc}" for k in options_of(name))

@@ -1,7 +1,6 @@
 """A small pattern matcher and rewrite engine over jaxpr dataflow.
 
-Patterns are trees (:func:`op`, :func:`wild`, :func:`lit`) or small JAX functions traced
-once (:func:`pattern_from_function`). Matching follows producers, never variable names:
+Patterns are trees (:func:`op`, :func:`wild`, :func:`lit`). Matching follows producers, never variable names:
 ``op("mul", wild("x"), lit())`` matches ``b = mul 2.0 a`` as well as ``b = mul a 2.0``
 (commutative primitives try both operand orders), a name bound twice must bind the same
 value, and calls to ``jit`` are looked through (each jaxpr level is matched on a view in
@@ -26,11 +25,9 @@ which import each other in that order only.
 from __future__ import annotations
 
 from .primitives import COMMUTATIVE
-from .patterns_match import (EMPTY, FUSED_PREFIX, SHAPE_PARAMS, Bindings, Lit, Op, Pat, View, Wild,
-                             _params_ok, _same_atom, inline_jits, is_fused_call, lit, match, op,
-                             wild)
-from .patterns_apply import (DotRule, Match, Rule, _INLINED, _check_private, _emit_match, _inlined,
-                             _opaque, _sweep_dead, _toposort, apply_rules)
+from .patterns_match import (Bindings, Lit, Op, Pat, View, Wild, inline_jits, is_fused_call, lit,
+                             match, op, wild)
+from .patterns_apply import DotRule, Match, Rule, apply_rules
 from .patterns_user import LitArg, PatternRule, clear_user_rules, rewrite, unregister, user_rules
 
 __all__ = ["Pat", "Wild", "Lit", "Op", "wild", "lit", "op", "View", "Bindings", "match", "Match",

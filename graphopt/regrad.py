@@ -65,7 +65,7 @@ def pre_ad_options(options: dict, passes) -> dict:
 
 
 @contextlib.contextmanager
-def fusing_grads(passes: list[str], options: dict, found: list[Inner]):
+def fusing_grads(passes: list, options: dict, found: list[Inner]):
     """Within the block, ``jax.grad(f)`` / ``jax.value_and_grad(f)`` differentiate ``f``
     optimized with ``passes``; each such function is appended to ``found``."""
     if not passes:

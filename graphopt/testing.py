@@ -254,10 +254,11 @@ def check_pass(p, fn: Callable | ir.ClosedJaxpr, *args, ctx: PassContext | None 
         cj = jax.make_jaxpr(lambda *xs: fn(*jax.tree_util.tree_unflatten(tree, list(xs))))(*flat)
     names = [q.name for q in passes]
     ctx = ctx or PassContext(placement=placement_of(cj))
-    if options:
-        checked = validate(dict(options), f"check_pass({', '.join(names)})")
+    checked = validate(dict(options), f"check_pass({', '.join(names)})") if options else {}
+    if checked:
         ctx = dataclasses.replace(ctx, options={**ctx.options, **checked})
-        rtol = check_rtol(checked) if rtol is None else rtol
+    if rtol is None:  # a configured pass's own settings (graphopt.passes.<name>) count too
+        rtol = check_rtol({**checked, **{k: v for q in passes for k, v in q.options.items()}})
     cur, changed, stats = cj, False, Stats()
     for q in passes:
         res = q(cur, ctx)

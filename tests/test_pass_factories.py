@@ -59,3 +59,16 @@ def test_remat_through_its_factory_is_the_same_as_the_option():
     g0, g1 = jax.grad(mlp.loss_deep)(p, b), jax.grad(by_factory)(p, b)
     for x, y in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
         assert testing.max_rel_error(x, y) <= 1e-5
+
+
+def test_configured_settings_count_where_optimize_and_check_pass_read_them():
+    # remat options and a budget given in different places are one setting
+    graphopt.optimize(jnp.sin, passes=["prune", passes.remat(memory_budget="1MiB")],
+                      remat_solver="greedy")
+    with pytest.raises(graphopt.OptionError, match="without memory_budget"):
+        graphopt.optimize(jnp.sin, passes=[passes.remat(remat_solver="greedy")])
+    assert passes.remat(memory_budget=None, remat_solver="greedy")[0].options == \
+        {"remat_solver": "greedy"}  # None is the signature's "not given"
+    # a configured precision pass sets check_pass's tolerance, as the option does
+    w, x = jnp.ones((8, 8)) / 3, jnp.linspace(-1.0, 1.0, 16).reshape(2, 8)
+    testing.check_pass(passes.precision(precision="bfloat16"), lambda w, x: jnp.tanh(x @ w), w, x)

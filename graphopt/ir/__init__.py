@@ -17,23 +17,22 @@ from __future__ import annotations
 from . import atoms, build, compat, graph, placement, subjaxprs
 from .compat import (
     Atom, ClosedJaxpr, DropVar, Jaxpr, JaxprEqn, JaxprTypeError, Literal, Primitive,
-    ShapedArray, Var, _CHECKPOINT_NAMES, _CLOSED_SUBJAXPR_PARAMS, _UNIFIED_JAXPR, _core,
-    _flattree, _jex, _lowered_primitive_names, _mlir, _pe, _siu, _takes_live_ins, check,
+    ShapedArray, Var, _lowered_primitive_names, check,
     dce_jaxpr, dce_rule, eqn_with_name_stack, eval_jaxpr, is_checkpoint, is_open_subjaxpr,
     jaxpr_as_fun, name_stack, new_eqn, new_var, replace_scan, scan_layout, source_line,
 )
 from .atoms import (
-    RANDOM_PRIMITIVES, _TRANSFORM_RE, aval_nbytes, aval_of, aval_str, effectful, impure,
+    RANDOM_PRIMITIVES, aval_nbytes, aval_of, aval_str, effectful, impure,
     is_array_aval, is_dropvar, is_literal, is_tracer, is_var, literal, literal_value,
     prim_name, same_aval, scope_path,
 )
 from .placement import per_device_spec, pins_placement, varying_axes
 from .subjaxprs import (
-    _HAS_SUBJAXPRS, _is_jaxpr_like, as_closed, count_eqns, has_subjaxprs, map_subjaxprs,
+    as_closed, count_eqns, has_subjaxprs, map_subjaxprs,
     primitive_counts, subjaxpr_params, trip_count, walk_eqns,
 )
 from .build import (
-    Inlined, _fit_debug_info, bind_eqn, canonical_const, closed, copy_eqns, dce_same_interface,
+    Inlined, bind_eqn, canonical_const, closed, copy_eqns, dce_same_interface,
     eqns_effects, inline, make_jaxpr_from, trace_flat,
 )
 from .graph import Graph

@@ -5,7 +5,7 @@ micro-batches) changes a training step whose loss takes a ``min`` over the batch
 batch-normalized values. Cause: XLA fuses the min's gradient mask ``eq(x, min x)`` into
 each of its consumers, recomputing ``x`` in each fusion; the rewrite changed the fusions
 and one copy rounded ``x`` apart, so consumers disagreed on where the minimum is. Fixed
-in ``transforms/remat.py``: each float comparison of the forward is materialized once,
+in ``transforms/remat/rewrite.py``: each float comparison of the forward is materialized once,
 through a fence, and every consumer reads that copy.
 
 outputs[0]: float32: max |a-b| 0.0554 > 1e-06 + 1e-05 * 2.32

@@ -1,5 +1,5 @@
-"""Tests of the pruning family (transforms/prune.py): one test per rule, negative tests
-for the identities that would change NaN/Inf behaviour, the folding size cap, DCE of
+"""Tests of the pruning family (transforms/prune.py, prune_simplify.py): one test per rule,
+negative tests for the identities that would change NaN/Inf behaviour, the folding size cap, DCE of
 higher-order primitives, CSE's refusal to merge random/effectful/unknown equations,
 idempotence and ``check_jaxpr`` after every pass."""
 import jax

@@ -1,4 +1,4 @@
-"""Property tests of the pruning family (transforms/prune.py): random small
+"""Property tests of the pruning family (transforms/prune.py, prune_simplify.py): random small
 elementwise/matmul programs, with the redundancy the pruning passes look for mixed in,
 give the same outputs and gradients after prune."""
 import jax.numpy as jnp

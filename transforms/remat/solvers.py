@@ -26,15 +26,17 @@ def solve(plan: Plan, target: int, solver: str = "auto", time_limit: float = 10.
     """'milp', 'greedy', or 'auto' (milp up to ``milp_max_segments``, else greedy)."""
     if solver != "auto" and solver not in SOLVERS:
         raise ValueError(f"remat: unknown solver {solver!r}; use 'auto', 'milp' or 'greedy'")
-    if solver == "greedy" or (solver == "auto" and len(plan.segments) > milp_max_segments):
-        return solve_greedy(plan, target, time_limit)
-    sol = solve_milp(plan, target, time_limit)
+    if solver == "auto":
+        solver = "greedy" if len(plan.segments) > milp_max_segments else "auto"
+    if solver == "greedy":
+        return SOLVERS["greedy"](plan, target, time_limit)
+    sol = SOLVERS["milp"](plan, target, time_limit)
     if not sol.feasible:  # the smallest plan the heuristic finds, for the caller to measure
-        g = solve_greedy(plan, target, time_limit)
+        g = SOLVERS["greedy"](plan, target, time_limit)
         g.solver = "greedy (milp: " + sol.status.split(".")[0] + ")"
         return g
     if solver == "auto":  # the heuristic can only help where milp hit its time limit
-        g = solve_greedy(plan, target, time_limit)
+        g = SOLVERS["greedy"](plan, target, time_limit)
         if g.feasible and (not sol.feasible or g.flops < sol.flops):
             g.solver = "greedy (milp: " + sol.status + ")"
             return g
