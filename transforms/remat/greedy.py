@@ -128,11 +128,17 @@ class _Chain:
         self.pinned_bytes = sum(nb[v] for v in pinned)
         far = [(i, v, s.pieces[0] - 1 - piece_of[v], s.pieces[0]) for i, s in enumerate(segs)
                for v in s.liveins if v in piece_of]
+        # a live-in from a piece at or after the segment's start (d < 0: degenerate plans,
+        # fuzz seed 2026 program 925) is charged in full, as one from no piece is
+        inside = [(i, v) for i, v, d, _ in far if d < 0]
+        far = [t for t in far if t[2] >= 0]
         S = self.S = 1 + min(max_state, max((d + 1 for _, _, d, _ in far), default=0))
         n = len(segs)
         cost = np.zeros((n, S))
         for i, s in enumerate(segs):
             cost[i] += sum(nb[v] for v in s.liveins if v not in pinned and v not in piece_of)
+        for i, v in inside:
+            cost[i] += nb[v]
         self.guessed = any(d > 0 for _, _, d, _ in far)
         for i, v, d, a in far:
             cost[i, d + 1:] += nb[v]
