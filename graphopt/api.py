@@ -23,7 +23,8 @@ import jax
 from . import donation, frameworks, ir, regrad, sharding
 from .errors import EquivalenceError, GraphoptError, OptionError
 from .options import check_rtol, implied_passes, validate
-from .passes import Pass, Pipeline, PassContext, placement_of, registered_passes, resolve
+from .passes import (Pass, Pipeline, PassContext, own_options, placement_of, registered_passes,
+                     resolve)
 from .report import Report
 
 # Registering the pass families is the reason for these imports.
@@ -91,8 +92,7 @@ class Optimized:
         self.pass_specs += implied_passes(self.options, [p.name for p in resolve(self.pass_specs)])
         self.pipeline = Pipeline(self.pass_specs, check=True, max_rounds=max_rounds)
         # options given to graphopt.passes.<name>(...) count too (budget, check tolerance)
-        self._settings = dict(self.options)
-        self._settings.update((k, v) for p in self.pipeline.passes for k, v in p.options.items())
+        self._settings = {**self.options, **own_options(self.pipeline.passes)}
         remat_only = sorted(k for k in self._settings if k.startswith("remat_"))
         if remat_only and self._settings.get("memory_budget") is None:
             raise OptionError(f"graphopt.optimize({self.__name__}): {', '.join(remat_only)} "

@@ -190,8 +190,9 @@ def check_rtol(options: dict) -> float | None:
     return max(tols) if tols else None
 
 
-def _suggest(name: str) -> str:
-    close = difflib.get_close_matches(name, OPTIONS, n=1)
+def suggest(name: str, among=None) -> str:
+    """' (did you mean ...?)' for the closest of ``among`` (default: every option), or ''."""
+    close = difflib.get_close_matches(name, OPTIONS if among is None else among, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -204,7 +205,7 @@ def validate(options: dict, where: str) -> dict:
             if name in ("donate", "donate_argnums", "donate_argnames"):
                 raise OptionError(f"{where}: {name} is an argument of graphopt.optimize, not a "
                                   "pass option; graphopt.remat and optimize_jaxpr do not donate")
-            raise OptionError(f"{where}: unknown option {name!r}{_suggest(name)}; valid "
+            raise OptionError(f"{where}: unknown option {name!r}{suggest(name)}; valid "
                               f"options: {', '.join(sorted(OPTIONS))}")
         try:
             out[name] = opt.check(value)

@@ -9,7 +9,6 @@ avals), records a :class:`PassRecord` per pass run, and turns any failure into a
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import gc
 import inspect
 import os
@@ -19,7 +18,7 @@ from collections.abc import Callable, Sequence
 from . import ir
 from .errors import GraphoptError, OptionError, PassError
 from .interpreter import Stats
-from .options import OPTIONS, validate
+from .options import OPTIONS, suggest, validate
 
 
 @dataclasses.dataclass
@@ -140,12 +139,16 @@ def configure(name: str, **options) -> list[Pass]:
     valid = options_of(name)
     foreign = sorted(set(options) - set(valid))
     if foreign:
-        close = difflib.get_close_matches(foreign[0], valid, n=1)
         raise OptionError(f"pass {name!r} does not read {', '.join(map(repr, foreign))}"
-                          + (f" (did you mean {close[0]!r}?)" if close else "")
-                          + f"; it reads: {', '.join(valid) or 'no options'}")
+                          f"{suggest(foreign[0], valid)}; it reads: "
+                          f"{', '.join(valid) or 'no options'}")
     checked = validate(options, f"graphopt.passes.{name}")
     return [dataclasses.replace(p, options={**p.options, **checked}) for p in resolve(name)]
+
+
+def own_options(passes: Sequence[Pass]) -> dict:
+    """The settings the passes carry themselves (``graphopt.passes.<name>(...)``), merged."""
+    return {k: v for p in passes for k, v in p.options.items()}
 
 
 def _factory(name: str) -> Callable[..., list[Pass]]:
@@ -271,4 +274,4 @@ class Pipeline:
 __all__ = ["Pass", "PassResult", "PassContext", "PassRecord", "Pipeline", "PassError",
            "GraphoptError", "register_pass", "register_group", "registered_passes",
            "resolve", "placement_of", "check_interface", "full_checks", "configure",
-           "options_of"]
+           "options_of", "own_options"]

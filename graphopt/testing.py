@@ -19,7 +19,8 @@ from . import ir
 from .errors import EquivalenceError
 from .interpreter import Stats
 from .options import check_rtol, validate
-from .passes import PassContext, PassResult, check_interface, placement_of, resolve
+from .passes import (PassContext, PassResult, check_interface, own_options, placement_of,
+                     resolve)
 
 # Default tolerances per dtype, relative to each array's magnitude. Exact rewrites keep
 # float32 near 1e-6, but XLA's own fusion choices move gradients by a few 1e-6 between
@@ -258,7 +259,7 @@ def check_pass(p, fn: Callable | ir.ClosedJaxpr, *args, ctx: PassContext | None 
     if checked:
         ctx = dataclasses.replace(ctx, options={**ctx.options, **checked})
     if rtol is None:  # a configured pass's own settings (graphopt.passes.<name>) count too
-        rtol = check_rtol({**checked, **{k: v for q in passes for k, v in q.options.items()}})
+        rtol = check_rtol({**checked, **own_options(passes)})
     cur, changed, stats = cj, False, Stats()
     for q in passes:
         res = q(cur, ctx)

@@ -138,14 +138,13 @@ _auto_run = _runner("fuse_attention_auto", fuse_attention.RULES_WHERE_IT_PAYS)
 def _attention_where_it_pays(cj, ctx: PassContext | None = None) -> PassResult:
     res = _auto_run(cj, ctx)
     n = res.stats.details.pop(fuse_attention.NOT_PAYING, 0)  # what the forced pass would fuse
-    if (ctx is not None and ctx.platform != "gpu"
-            and ctx.option("fuse_attention_auto", True) is not False):
-        if n:
-            res.stats.note(f"fuse_attention_auto: {n} attention(s) left as written on "
-                           f"{ctx.platform}: not causal, masked, or shorter than "
-                           f"{2 * fuse_attention.BLOCK_MIN} for the block-causal kernel, and "
-                           "XLA's attention is the same computation there; "
-                           "passes=['fuse_attention'] forces it")
+    if n and ctx is not None and ctx.platform != "gpu" and \
+            ctx.option("fuse_attention_auto", True) is not False:
+        res.stats.note(f"fuse_attention_auto: {n} attention(s) left as written on "
+                       f"{ctx.platform}: not causal, masked, or shorter than "
+                       f"{2 * fuse_attention.BLOCK_MIN} for the block-causal kernel, and "
+                       "XLA's attention is the same computation there; "
+                       "passes=['fuse_attention'] forces it")
     return res
 
 
