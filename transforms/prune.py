@@ -13,8 +13,8 @@ Passes (names as in ``graphopt.optimize(passes=[...])``; ``"prune"`` runs them a
   merges random, effectful or unknown equations.
 - ``simplify``: exact algebraic identities (x*1, x+0, x/1, -(-x), transpose chains,
   reshape chains, no-op converts/broadcasts/reductions, select on a constant
-  predicate, max(x, x) ...). Rules that would change NaN/Inf behaviour (x*0 -> 0,
-  x-x -> 0) are deliberately absent.
+  predicate, integer max(x, x) ...). Rules that would change NaN/Inf behaviour (x*0 -> 0,
+  x-x -> 0, a float max(x, x) whose derivative at NaN is 0) are deliberately absent.
 """
 from __future__ import annotations
 

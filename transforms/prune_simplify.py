@@ -1,10 +1,11 @@
 """The ``simplify`` pass of the prune family: exact algebraic identities, one rule per
 primitive in ``SIMPLIFY`` (default: keep the equation).
 
-x*1, x+0, x-0, x/1, x**1, -(-x), max(x, x), transpose and reshape chains, no-op
+x*1, x+0, x-0, x/1, x**1, -(-x), max(x, x) on integers, transpose and reshape chains, no-op
 converts/broadcasts/squeezes/reductions/slices/concatenations, select on equal cases or a
 constant predicate. Rules that would change NaN/Inf behaviour (x*0 -> 0, x-x -> 0) are
-deliberately absent. Registered (with the rest of the family) by ``prune``.
+deliberately absent, and so are the float max(x, x) and max over no axes: their values are
+x, but JAX's derivative of a max at NaN is 0 (or NaN), not x's 1. Registered (with the rest of the family) by ``prune``.
 """
 from __future__ import annotations
 
@@ -45,6 +46,12 @@ def _is(rw, atom, value) -> bool:
 def _same(eqn, atom) -> bool:
     """``atom`` can stand for the output: equal shape, dtype and weak type."""
     return ir.is_var(atom) and ir.same_aval(atom.aval, eqn.outvars[0].aval)
+
+
+def _float_choice(eqn) -> bool:
+    """A float max/min: JAX differentiates it by equality with the result, 0 where NaN."""
+    return eqn.primitive.name in ("max", "min", "reduce_max", "reduce_min") \
+        and jax.numpy.issubdtype(eqn.outvars[0].aval.dtype, jax.numpy.inexact)
 
 
 def _replace_by(rw, eqn, atom, rule):
@@ -111,9 +118,9 @@ def _neg(rw, eqn):
 
 @SIMPLIFY.register("max", "min", "and", "or")
 def _idempotent(rw, eqn):
-    # max(x, x) = min(x, x) = x & x = x | x = x.
+    # max(x, x) = min(x, x) = x & x = x | x = x; not on floats (the derivative at NaN differs).
     x, y = eqn.invars
-    if x is y and _same(eqn, x):
+    if x is y and _same(eqn, x) and not _float_choice(eqn):
         return _replace_by(rw, eqn, x, f"{eqn.primitive.name}_self")
     return None
 
@@ -188,8 +195,8 @@ def _broadcast(rw, eqn):
 @SIMPLIFY.register("reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
                    "reduce_and", "reduce_or")
 def _reduce(rw, eqn):
-    # Reducing over no axes is the identity.
-    if not eqn.params["axes"] and _same(eqn, eqn.invars[0]):
+    # Reducing over no axes is the identity (a float max/min's derivative at NaN is not).
+    if not eqn.params["axes"] and _same(eqn, eqn.invars[0]) and not _float_choice(eqn):
         return _replace_by(rw, eqn, eqn.invars[0], "reduce_noop")
     return None
 
