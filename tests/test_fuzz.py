@@ -146,6 +146,25 @@ def test_oracle_tolerances():
         assert fuzz.mismatch(b, b + 1e-9) is not None  # float64 is held to 1e-12
 
 
+def test_nudged_inputs_excuse_rounding_only_where_the_program_cancels():
+    import numpy as np
+    eps = np.finfo(np.float32).eps
+    x = np.float32([1.0, 2.0])
+    y = x + np.float32(3000 * eps) * x  # x - y cancels: an ulp of x is 3e-4 of the output
+    cj = jax.make_jaxpr(lambda x, y: (x - y) * 1e3)(x, y)
+    a = np.asarray(ir.eval_jaxpr(cj, x, y)[0])
+    nudged = fuzz._nudged(cj, [], [], [], ([x, y], {}), seed=0)["outputs"]
+    assert np.abs(nudged[0] - a).max() > 1e-5 * np.abs(a).max()  # the program moved
+    rounded = a + np.float32(eps) * 1e3 * x  # one ulp of an input, as reassociation moves it
+    assert fuzz.mismatch(a, rounded) is not None
+    assert fuzz.mismatch(a, rounded, nudged[0], near=fuzz.NUDGE_NEAR) is None
+    assert fuzz.mismatch(a, a * 1.5, nudged[0], near=fuzz.NUDGE_NEAR) is not None
+    smooth = jax.make_jaxpr(lambda x, y: (x + y) * 1e3)(x, y)  # well-conditioned: no excuse
+    b = np.asarray(ir.eval_jaxpr(smooth, x, y)[0])
+    nudged = fuzz._nudged(smooth, [], [], [], ([x, y], {}), seed=0)["outputs"]
+    assert fuzz.mismatch(b, b * (1 + 1e-4), nudged[0], near=fuzz.NUDGE_NEAR) is not None
+
+
 def _cli(*args, register_broken=False):
     code = ("import sys\nfrom graphopt.__main__ import main\n" + (
         "import graphopt\nfrom tests.test_fuzz import BROKEN\ngraphopt.register_pass(BROKEN)\n"

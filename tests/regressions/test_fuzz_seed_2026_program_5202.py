@@ -2,17 +2,17 @@
 
 outputs[1]: float32: max |a-b| 1.21e-05 > 1e-06 + 1e-05 * 0.827
 
-OPEN, not diagnosed (found at the end of the 2026-12-07 session by a longer seed-2026 run on
-JAX 0.10.2): fusions then remat at 0.37: an output differs by 1.2e-5 against a 9e-6 tolerance (may be
-float reassociation the float64 check does not admit).
-Strict xfail on JAX 0.10.2, where it was seen failing; not run on other JAX versions.
+Diagnosed: rounding in an ill-conditioned program, seen on some CPUs only. Batch
+normalization over a batch of two cancels (each normalized value is about +-1 whatever the
+input), so its gradient carries the float32 noise of a difference of near-equal terms;
+the remat segments' reassociation moved it by 1.2e-5. Inputs moved by 4 ulps move the
+original itself by 1.8e-6 here, and the oracle now accepts a difference within ten times
+that (and under 100 tolerances): graphopt.fuzz._nudged.
 """
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
-
-import pytest
 
 from graphopt.fuzz import regression
 
@@ -43,7 +43,5 @@ INPUTS = [  # name, shape, dtype, role, integers drawn below
 CONFIG = {'options': {'memory_budget': 0.37, 'remat_measure': 'estimate'}, 'jit': False, 'passes': ['fuse'], 'optimizer': 'optax.sgd(0.05, momentum=0.9)', 'ad': ()}
 
 
-@pytest.mark.skipif(jax.__version__ != "0.10.2", reason="seen failing on JAX 0.10.2 only")
-@pytest.mark.xfail(strict=True, reason="open fuzz finding, not diagnosed")
 def test_fuzz_seed_2026_program_5202():
     regression(step, INPUTS, CONFIG, kind='step', opt=OPT)
