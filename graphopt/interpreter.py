@@ -96,6 +96,7 @@ class Rewriter:
     """State of the rewrite of one jaxpr level; what a rule talks to."""
 
     def __init__(self, table: RuleTable, stats: Stats, allow_consts: bool, depth: int):
+        self.state: Any = None  # the pass's own per-level state (``rewrite(state=...)``)
         self.table = table
         self.stats = stats
         self.allow_consts = allow_consts
@@ -168,12 +169,13 @@ def substitute_inputs(rw: Rewriter, eqn):
 
 def rewrite(cj: ir.ClosedJaxpr, table: RuleTable, stats: Stats | None = None, *,
             recurse: bool = True, allow_consts: bool = True, depth: int = 0,
-            setup: Callable | None = None, memo: dict | None = None) -> ir.ClosedJaxpr:
+            state: Callable | None = None, memo: dict | None = None) -> ir.ClosedJaxpr:
     """Apply ``table`` to every equation of ``cj`` (and of its sub-jaxprs).
 
     Returns ``cj`` itself when nothing changed, so callers can test ``is``.
-    ``setup(rw, cj)``, if given, runs at the start of every jaxpr level (the top one and
-    each sub-jaxpr): passes use it to keep per-level state on the :class:`Rewriter`.
+    ``state(rw, cj)``, if given, runs at the start of every jaxpr level (the top one and
+    each sub-jaxpr) and returns the pass's state for that level, which its rules read as
+    ``rw.state`` (a CSE table, the constants known so far); nothing else is put on ``rw``.
     A sub-jaxpr shared by several equations (one jitted layer called N times) is
     rewritten once and stays shared, so rule hits count it once.
     """
@@ -186,13 +188,13 @@ def rewrite(cj: ir.ClosedJaxpr, table: RuleTable, stats: Stats | None = None, *,
         if got is not None and got[0] is j.jaxpr:  # the identity check guards against id reuse
             return got[1] if got[1] is not got[2] else j
         out = rewrite(j, table, stats, recurse=True, allow_consts=not is_open, depth=depth + 1,
-                      setup=setup, memo=memo)
+                      state=state, memo=memo)
         memo[key] = (j.jaxpr, out, j)
         return out
 
     rw = Rewriter(table, stats, allow_consts, depth)
-    if setup is not None:
-        setup(rw, cj)
+    if state is not None:
+        rw.state = state(rw, cj)
     for eqn in cj.jaxpr.eqns:
         new = substitute_inputs(rw, eqn)
         if new is not eqn:

@@ -37,7 +37,8 @@ class Wild(Pat):
 
 @dataclasses.dataclass(eq=False)
 class Lit(Pat):
-    """A scalar literal (or a broadcast of one); ``value`` None is a literal wildcard."""
+    """A scalar literal (or a broadcast of one) equal to ``value`` exactly, in the matched
+    value's dtype; ``value`` None is a literal wildcard."""
     value: Any = None
     name: str | None = None
     pred: Callable | None = None
@@ -259,8 +260,19 @@ def _params_ok(want: dict, have: dict) -> bool:
     return True
 
 
-def match(view: View, pat: Pat, atom, b: Bindings = EMPTY) -> Bindings | None:
-    """Match ``pat`` against the value ``atom`` of ``view``; bindings or None."""
+def _lit_equal(val, want, atom) -> bool:
+    """Exact equality in the matched atom's dtype (a pattern's 0.1 is float32's 0.1 there)."""
+    dtype = getattr(getattr(atom, "aval", None), "dtype", None)
+    try:
+        return bool(np.asarray(want).astype(dtype) == np.asarray(val).astype(dtype))
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def match(view: View, pat: Pat, atom, b: Bindings = EMPTY, eqn=None) -> Bindings | None:
+    """Match ``pat`` against the value ``atom`` of ``view``; bindings or None. ``eqn``: the
+    equation computing ``atom`` where the view does not hold it yet (an interpreter rule's
+    current equation; recorded as index -1)."""
     if isinstance(pat, Wild):
         if pat.pred is not None and not pat.pred(atom):
             return None
@@ -269,17 +281,17 @@ def match(view: View, pat: Pat, atom, b: Bindings = EMPTY) -> Bindings | None:
         val = view.scalar_value(atom)
         if val is None:
             return None
-        if pat.value is not None and not np.isclose(val, pat.value, rtol=1e-6, atol=0):
+        if pat.value is not None and not _lit_equal(val, pat.value, atom):
             return None
         if pat.pred is not None and not pat.pred(val):
             return None
         return b.bind(pat.name, atom, val) if pat.name else b
     if not isinstance(pat, Op):
         raise TypeError(f"not a pattern node: {pat!r}")
-    i = view.producer.get(atom) if ir.is_var(atom) else None
+    i = -1 if eqn is not None else view.producer.get(atom) if ir.is_var(atom) else None
     if i is None:
         return None
-    e = view.eqns[i]
+    e = view.eqns[i] if eqn is None else eqn
     prims = (pat.prim,) if isinstance(pat.prim, str) else pat.prim
     if e.primitive.name not in prims or len(e.outvars) != 1 or ir.impure(e):
         return None

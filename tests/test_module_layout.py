@@ -82,3 +82,15 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [m])
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_passes_keep_their_state_in_rw_state_not_on_the_rewriter():
+    # Per-level state goes through rewrite(state=...): no pass hangs attributes on `rw`.
+    from graphopt.interpreter import Rewriter
+    declared = set(vars(Rewriter(None, None, True, 0)))
+    stray = [(path.name, node.attr) for path in MODULES.values()
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+             and isinstance(node.value, ast.Name) and node.value.id == "rw"
+             and node.attr not in declared]
+    assert not stray, stray

@@ -18,6 +18,8 @@ Passes (names as in ``graphopt.optimize(passes=[...])``; ``"prune"`` runs them a
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 import jax
@@ -154,7 +156,7 @@ _NO_FOLD = frozenset({"broadcast_in_dim", "iota", "full"})
 def _const_value(rw: Rewriter, atom):
     if ir.is_literal(atom):
         return ir.literal_value(atom)
-    return rw.known_consts.get(atom, _MISSING)
+    return rw.state.known_consts.get(atom, _MISSING)
 
 
 _MISSING = object()
@@ -216,7 +218,7 @@ def _fold_default(rw: Rewriter, eqn):
     avals = [v.aval for v in eqn.outvars]
     if any(not ir.is_array_aval(a) for a in avals):
         return None
-    if sum(ir.aval_nbytes(a) for a in avals) > rw.fold_max_bytes:
+    if sum(ir.aval_nbytes(a) for a in avals) > rw.state.max_bytes:
         return None
     try:
         res = _evaluate(eqn, vals)
@@ -227,17 +229,24 @@ def _fold_default(rw: Rewriter, eqn):
     if eqn.primitive.name in _NO_FOLD and any(np.prod(a.shape) > 1 for a in avals):
         # Keep the cheap broadcast, but let its consumers fold; DCE drops it if they all do.
         for v, r in zip(eqn.outvars, res):
-            rw.known_consts[v] = np.asarray(r)
+            rw.state.known_consts[v] = np.asarray(r)
         return None
     outs = []
     for v, r in zip(eqn.outvars, res):
         arr = np.asarray(r)
         atom = rw.const(arr if arr.ndim else arr.dtype.type(arr), v.aval)
         if ir.is_var(atom):
-            rw.known_consts[atom] = arr
+            rw.state.known_consts[atom] = arr
         outs.append(atom)
     rw.hit(f"fold.{eqn.primitive.name}")
     return outs
+
+
+@dataclasses.dataclass
+class _FoldState:
+    """One level's fold state: the size cap, the values known so far (var -> array)."""
+    max_bytes: int
+    known_consts: dict
 
 
 # Every pure primitive folds the same way (evaluate it), so the default does the work.
@@ -249,13 +258,13 @@ def fold(cj: ir.ClosedJaxpr, ctx: PassContext | None = None) -> PassResult:
     stats = Stats()
     cap = ctx.option("fold_max_bytes", FOLD_MAX_BYTES) if ctx else FOLD_MAX_BYTES
 
-    def setup(rw: Rewriter, level: ir.ClosedJaxpr):
-        rw.fold_max_bytes = cap
+    def state(rw: Rewriter, level: ir.ClosedJaxpr) -> _FoldState:
         # Small closed-over arrays count as constants; big ones stay symbolic.
-        rw.known_consts = {v: np.asarray(c) for v, c in zip(level.jaxpr.constvars, level.consts)
-                           if ir.aval_nbytes(v.aval) <= cap}
+        return _FoldState(cap, {v: np.asarray(c) for v, c in zip(level.jaxpr.constvars,
+                                                                  level.consts)
+                                if ir.aval_nbytes(v.aval) <= cap})
 
-    out = rewrite(cj, FOLD, stats, setup=setup)
+    out = rewrite(cj, FOLD, stats, state=state)
     return PassResult(out, out is not cj, stats)
 
 
@@ -302,7 +311,7 @@ def _cse_default(rw: Rewriter, eqn):
             hash(key)
         except TypeError:
             return None
-    seen = rw.cse_table
+    seen = rw.state  # this level's (primitive, inputs, params) -> outputs
     prev = seen.get(key)
     if prev is None:
         # An equation with a dropped output cannot stand for a later one that is read.
@@ -320,10 +329,7 @@ def cse(cj: ir.ClosedJaxpr, ctx: PassContext | None = None) -> PassResult:
     """Common-subexpression elimination, one table per jaxpr level."""
     stats = Stats()
 
-    def setup(rw, level):
-        rw.cse_table = {}
-
-    out = rewrite(cj, CSE, stats, setup=setup)
+    out = rewrite(cj, CSE, stats, state=lambda rw, level: {})
     return PassResult(out, out is not cj, stats)
 
 

@@ -1,51 +1,40 @@
-"""The ``simplify`` pass of the prune family: exact algebraic identities, one rule per
-primitive in ``SIMPLIFY`` (default: keep the equation).
+"""The ``simplify`` pass of the prune family: exact algebraic identities, written as patterns
+on the engine user rules use (:mod:`graphopt.patterns`: commutative primitives match in
+both operand orders, literals match exactly), one table ``IDENTITIES``; ``SIMPLIFY`` runs
+them per root primitive (default: keep the equation).
 
 x*1, x+0, x-0, x/1, x**1, -(-x), max(x, x) on integers, transpose and reshape chains, no-op
 converts/broadcasts/squeezes/reductions/slices/concatenations, select on equal cases or a
 constant predicate. Rules that would change NaN/Inf behaviour (x*0 -> 0, x-x -> 0) are
 deliberately absent, and so are the float max(x, x) and max over no axes: their values are
-x, but JAX's derivative of a max at NaN is 0 (or NaN), not x's 1. Registered (with the rest of the family) by ``prune``.
+x, but JAX's derivative of a max at NaN is 0 (or NaN), not x's 1. Registered (with the rest
+of the family) by ``prune``.
 """
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+from collections.abc import Callable
 
 import jax
 
 from graphopt import ir
 from graphopt.interpreter import RuleTable, Rewriter, Stats, rewrite, keep
 from graphopt.passes import PassContext, PassResult
-
-SIMPLIFY = RuleTable("simplify", default=keep)
-
-
-def _scalar_const(rw: Rewriter, atom):
-    """The value of ``atom`` if it is a constant whose elements are all equal, else None."""
-    if not ir.is_literal(atom):
-        prod = rw.graph_producer.get(atom)
-        if prod is None or prod.primitive.name != "broadcast_in_dim" \
-                or not ir.is_literal(prod.invars[0]):
-            return None
-        atom = prod.invars[0]
-    if not atom.aval.shape:  # a scalar literal: the common case, no NumPy needed
-        return ir.literal_value(atom)
-    v = np.asarray(ir.literal_value(atom))
-    if v.size == 0:
-        return None
-    first = v.flat[0]
-    return first if np.all(v == first) else None
+from graphopt.patterns import Pat, View, lit, match, op, wild
 
 
-def _is(rw, atom, value) -> bool:
-    c = _scalar_const(rw, atom)
-    # Compare as Python numbers; a NaN constant never matches an identity element.
-    return c is not None and bool(c == value) and not (isinstance(c, float) and np.isnan(c))
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """``pattern`` (rooted at the equation) equals ``result``: the name of a bound atom, or
+    ``result(rw, bindings, eqn) -> atoms | None`` building it. ``when(eqn)`` guards."""
+    rule: str  # "{prim}" stands for the root's primitive in the hit's name
+    pattern: Pat
+    result: str | Callable = "x"
+    when: Callable | None = None
 
 
-def _same(eqn, atom) -> bool:
-    """``atom`` can stand for the output: equal shape, dtype and weak type."""
-    return ir.is_var(atom) and ir.same_aval(atom.aval, eqn.outvars[0].aval)
+X = wild("x")
+_identity_perm = lambda p: tuple(p) == tuple(range(len(p)))  # noqa: E731
 
 
 def _float_choice(eqn) -> bool:
@@ -54,215 +43,133 @@ def _float_choice(eqn) -> bool:
         and jax.numpy.issubdtype(eqn.outvars[0].aval.dtype, jax.numpy.inexact)
 
 
-def _replace_by(rw, eqn, atom, rule):
-    rw.hit(f"simplify.{rule}")
-    return [atom]
-
-
-@SIMPLIFY.register("mul")
-def _mul(rw, eqn):
-    x, y = eqn.invars
-    # x * 1 = x and 1 * x = x exactly (also for NaN and Inf).
-    if _is(rw, y, 1) and _same(eqn, x):
-        return _replace_by(rw, eqn, x, "mul_one")
-    if _is(rw, x, 1) and _same(eqn, y):
-        return _replace_by(rw, eqn, y, "mul_one")
-    return None
-
-
-@SIMPLIFY.register("add", "add_any")
-def _add(rw, eqn):
-    x, y = eqn.invars
-    # x + 0 = x (exact up to the sign of zero: -0 + 0 is +0, and the two compare equal).
-    if _is(rw, y, 0) and _same(eqn, x):
-        return _replace_by(rw, eqn, x, "add_zero")
-    if _is(rw, x, 0) and _same(eqn, y):
-        return _replace_by(rw, eqn, y, "add_zero")
-    return None
-
-
-@SIMPLIFY.register("sub")
-def _sub(rw, eqn):
-    x, y = eqn.invars
-    # x - 0 = x exactly.
-    if _is(rw, y, 0) and _same(eqn, x):
-        return _replace_by(rw, eqn, x, "sub_zero")
-    return None
-
-
-@SIMPLIFY.register("div")
-def _div(rw, eqn):
-    x, y = eqn.invars
-    # x / 1 = x exactly (integer division by 1 too).
-    if _is(rw, y, 1) and _same(eqn, x):
-        return _replace_by(rw, eqn, x, "div_one")
-    return None
-
-
-@SIMPLIFY.register("integer_pow")
-def _ipow(rw, eqn):
-    # x ** 1 = x.
-    if eqn.params["y"] == 1 and _same(eqn, eqn.invars[0]):
-        return _replace_by(rw, eqn, eqn.invars[0], "pow_one")
-    return None
-
-
-@SIMPLIFY.register("neg")
-def _neg(rw, eqn):
-    # -(-x) = x exactly (negation only flips the sign bit).
-    prod = rw.graph_producer.get(eqn.invars[0])
-    if prod is not None and prod.primitive.name == "neg" and _same(eqn, prod.invars[0]):
-        return _replace_by(rw, eqn, prod.invars[0], "neg_neg")
-    return None
-
-
-@SIMPLIFY.register("max", "min", "and", "or")
-def _idempotent(rw, eqn):
-    # max(x, x) = min(x, x) = x & x = x | x = x; not on floats (the derivative at NaN differs).
-    x, y = eqn.invars
-    if x is y and _same(eqn, x) and not _float_choice(eqn):
-        return _replace_by(rw, eqn, x, f"{eqn.primitive.name}_self")
-    return None
-
-
-@SIMPLIFY.register("transpose")
-def _transpose(rw, eqn):
-    perm = tuple(eqn.params["permutation"])
-    x = eqn.invars[0]
-    # transpose by the identity permutation is x.
-    if perm == tuple(range(len(perm))) and _same(eqn, x):
-        return _replace_by(rw, eqn, x, "transpose_identity")
-    prod = rw.graph_producer.get(x)
-    if prod is not None and prod.primitive.name == "transpose":
-        # transpose(transpose(y, p), q) = transpose(y, p[q]).
-        inner = tuple(prod.params["permutation"])
-        composed = tuple(inner[i] for i in perm)
-        y = prod.invars[0]
-        rw.hit("simplify.transpose_transpose")
-        if composed == tuple(range(len(composed))) and _same(eqn, y):
-            return [y]
-        return rw.bind(lambda a: jax.lax.transpose(a, composed), y)
-    return None
-
-
-@SIMPLIFY.register("reshape")
-def _reshape(rw, eqn):
-    x = eqn.invars[0]
-    if len(eqn.invars) != 1 or eqn.params.get("dimensions") is not None:
-        return None
-    # reshape to the shape it already has is x.
-    if _same(eqn, x):
-        return _replace_by(rw, eqn, x, "reshape_noop")
-    prod = rw.graph_producer.get(x)
-    if prod is not None and prod.primitive.name == "reshape" and len(prod.invars) == 1 \
-            and prod.params.get("dimensions") is None:
-        # reshape(reshape(y, s1), s2) = reshape(y, s2): row-major order is kept by both.
-        y = prod.invars[0]
-        rw.hit("simplify.reshape_reshape")
-        if _same(eqn, y):
-            return [y]
-        shape = eqn.outvars[0].aval.shape
-        return rw.bind(lambda a: jax.lax.reshape(a, shape), y)
-    return None
-
-
-@SIMPLIFY.register("squeeze")
-def _squeeze(rw, eqn):
-    if not eqn.params["dimensions"] and _same(eqn, eqn.invars[0]):
-        return _replace_by(rw, eqn, eqn.invars[0], "squeeze_noop")
-    return None
-
-
-@SIMPLIFY.register("convert_element_type")
-def _convert(rw, eqn):
-    # A convert to the dtype (and weak type) the value already has does nothing.
-    if _same(eqn, eqn.invars[0]):
-        return _replace_by(rw, eqn, eqn.invars[0], "convert_noop")
-    return None
-
-
-@SIMPLIFY.register("broadcast_in_dim")
-def _broadcast(rw, eqn):
-    x = eqn.invars[0]
-    dims = tuple(eqn.params["broadcast_dimensions"])
-    # Broadcasting to the same shape along the identity dims is x.
-    if len(eqn.invars) == 1 and ir.is_var(x) and dims == tuple(range(len(dims))) \
-            and _same(eqn, x):
-        return _replace_by(rw, eqn, x, "broadcast_noop")
-    return None
-
-
-@SIMPLIFY.register("reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
-                   "reduce_and", "reduce_or")
-def _reduce(rw, eqn):
-    # Reducing over no axes is the identity (a float max/min's derivative at NaN is not).
-    if not eqn.params["axes"] and _same(eqn, eqn.invars[0]) and not _float_choice(eqn):
-        return _replace_by(rw, eqn, eqn.invars[0], "reduce_noop")
-    return None
-
-
-@SIMPLIFY.register("select_n")
-def _select(rw, eqn):
-    pred, *cases = eqn.invars
-    # select_n(p, x, x, ...) = x.
-    if all(c is cases[0] for c in cases) and _same(eqn, cases[0]):
-        return _replace_by(rw, eqn, cases[0], "select_same")
-    # select on a constant predicate picks one case.
-    c = _scalar_const(rw, pred)
-    if c is not None:
-        chosen = cases[int(c)]
-        if _same(eqn, chosen):
-            return _replace_by(rw, eqn, chosen, "select_const")
-    return None
-
-
-@SIMPLIFY.register("concatenate")
-def _concat(rw, eqn):
-    if len(eqn.invars) == 1 and _same(eqn, eqn.invars[0]):
-        return _replace_by(rw, eqn, eqn.invars[0], "concat_single")
-    return None
-
-
-@SIMPLIFY.register("slice")
-def _slice(rw, eqn):
-    # A slice covering the whole array with unit strides is the array.
-    x = eqn.invars[0]
-    p = eqn.params
-    full = (all(s == 0 for s in p["start_indices"]) and tuple(p["limit_indices"]) == x.aval.shape
+def _full_slice(eqn) -> bool:
+    p, shape = eqn.params, eqn.invars[0].aval.shape
+    return (all(s == 0 for s in p["start_indices"]) and tuple(p["limit_indices"]) == shape
             and (p["strides"] is None or all(s == 1 for s in p["strides"])))
-    if full and _same(eqn, x):
-        return _replace_by(rw, eqn, x, "slice_full")
+
+
+def _transpose_chain(rw, b, eqn):
+    # transpose(transpose(y, p), q) = transpose(y, p[q]).
+    inner = rw.state.producer_eqn(b.atoms["inner"]).params["permutation"]
+    composed = tuple(inner[i] for i in eqn.params["permutation"])
+    if _identity_perm(composed) and _same(eqn, b.atoms["y"]):
+        return [b.atoms["y"]]
+    return rw.bind(lambda a: jax.lax.transpose(a, composed), b.atoms["y"])
+
+
+def _reshape_chain(rw, b, eqn):
+    # reshape(reshape(y, s1), s2) = reshape(y, s2): row-major order is kept by both.
+    if _same(eqn, b.atoms["y"]):
+        return [b.atoms["y"]]
+    shape = eqn.outvars[0].aval.shape
+    return rw.bind(lambda a: jax.lax.reshape(a, shape), b.atoms["y"])
+
+
+def _chosen_case(rw, b, eqn):
+    return [b.atoms[f"c{int(b.lits['p'])}"]]
+
+
+def _cases(n):
+    return [wild(f"c{k}") for k in range(n)]
+
+
+IDENTITIES = [
+    # x * 1 = x, x + 0 = x (exact up to the sign of zero: -0 + 0 is +0), x - 0 = x, x / 1 = x
+    # (integer division too), x ** 1 = x, -(-x) = x: exact, also for NaN and Inf.
+    Identity("mul_one", op("mul", X, lit(1))),
+    Identity("add_zero", op(("add", "add_any"), X, lit(0), commutative=True)),
+    Identity("sub_zero", op("sub", X, lit(0))),
+    Identity("div_one", op("div", X, lit(1))),
+    Identity("pow_one", op("integer_pow", X, y=1)),
+    Identity("neg_neg", op("neg", op("neg", X))),
+    # max(x, x) = min(x, x) = x & x = x | x = x; not on floats (the derivative at NaN differs).
+    Identity("{prim}_self", op(("max", "min", "and", "or"), X, X),
+             when=lambda e: not _float_choice(e)),
+    Identity("transpose_identity", op("transpose", X, permutation=_identity_perm)),
+    Identity("transpose_transpose", op("transpose", op("transpose", wild("y"), name="inner")),
+             _transpose_chain),
+    Identity("reshape_noop", op("reshape", X, dimensions=None)),
+    Identity("reshape_reshape", op("reshape", op("reshape", wild("y"), dimensions=None),
+                                   dimensions=None), _reshape_chain),
+    Identity("squeeze_noop", op("squeeze", X, dimensions=lambda d: not d)),
+    # A convert to the dtype (and weak type) the value already has does nothing.
+    Identity("convert_noop", op("convert_element_type", X)),
+    Identity("broadcast_noop", op("broadcast_in_dim", wild("x", pred=ir.is_var),
+                                  broadcast_dimensions=_identity_perm)),
+    # Reducing over no axes is the identity (a float max/min's derivative at NaN is not).
+    Identity("reduce_noop", op(("reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
+                                "reduce_and", "reduce_or"), X, axes=lambda a: not a),
+             when=lambda e: not _float_choice(e)),
+    *[Identity("select_same", op("select_n", wild("p"), *[X] * n)) for n in (2, 3, 4)],
+    *[Identity("select_const", op("select_n", lit(name="p"), *_cases(n)), _chosen_case)
+      for n in (2, 3, 4)],
+    Identity("concat_single", op("concatenate", X)),
+    Identity("slice_full", op("slice", X), when=_full_slice),
+]
+BY_ROOT: dict[str, list[Identity]] = {}
+for _ident in IDENTITIES:
+    for _prim in (_ident.pattern.prim,) if isinstance(_ident.pattern.prim, str) \
+            else _ident.pattern.prim:
+        BY_ROOT.setdefault(_prim, []).append(_ident)
+
+
+def _same(eqn, atom) -> bool:
+    """``atom`` can stand for the output: equal shape, dtype and weak type."""
+    return ir.is_var(atom) and ir.same_aval(atom.aval, eqn.outvars[0].aval)
+
+
+def _simplify(rw: Rewriter, eqn):
+    if len(eqn.outvars) != 1:
+        return None
+    for ident in BY_ROOT[eqn.primitive.name]:
+        if ident.when is not None and not ident.when(eqn):
+            continue
+        b = match(rw.state, ident.pattern, eqn.outvars[0], eqn=eqn)
+        if b is None:
+            continue
+        if callable(ident.result):
+            out = ident.result(rw, b, eqn)
+        else:
+            out = [b.atoms[ident.result]] if _same(eqn, b.atoms[ident.result]) else None
+        if out is not None:
+            rw.hit("simplify." + ident.rule.format(prim=eqn.primitive.name))
+            return out
     return None
 
 
-def _track_producers(rw: Rewriter, level):
-    rw.graph_producer = _ProducerMap(rw)
+SIMPLIFY = RuleTable("simplify", default=keep)
+SIMPLIFY.register(*BY_ROOT)(_simplify)
 
 
-class _ProducerMap:
-    """Producer of an atom among the equations emitted so far at this level."""
+class _Emitted:
+    """The equations emitted so far at one level, as the pattern matcher's view: producers
+    of atoms (found lazily, as emission goes on) and scalar constants."""
 
-    def __init__(self, rw: Rewriter):
-        self.rw = rw
-        self.seen = 0
-        self.by_var: dict = {}
+    scalar_value = View.scalar_value  # literals, broadcasts/converts/reshapes of them, consts
 
-    def get(self, atom):
-        if not ir.is_var(atom):
-            return None
-        eqns = self.rw.eqns
-        for e in eqns[self.seen:]:
-            for v in e.outvars:
-                self.by_var[v] = e
-        self.seen = len(eqns)
-        return self.by_var.get(atom)
+    def __init__(self, rw: Rewriter, level: ir.ClosedJaxpr):
+        self.eqns, self.seen, self._producer = rw.eqns, 0, {}
+        self.const_values = dict(zip(level.jaxpr.constvars, level.consts))
+
+    @property
+    def producer(self) -> dict:
+        """var -> index of the emitted equation computing it (caught up on each read)."""
+        if self.seen > len(self.eqns):  # a rule's equations were taken back (CannotRewrite)
+            self.seen, self._producer = 0, {}
+        for i in range(self.seen, len(self.eqns)):
+            for v in self.eqns[i].outvars:
+                self._producer[v] = i
+        self.seen = len(self.eqns)
+        return self._producer
+
+    def producer_eqn(self, atom):
+        i = self.producer.get(atom) if ir.is_var(atom) else None
+        return None if i is None else self.eqns[i]
 
 
 def simplify(cj: ir.ClosedJaxpr, ctx: PassContext | None = None) -> PassResult:
     """Algebraic simplification with exact identities only."""
     stats = Stats()
-    out = rewrite(cj, SIMPLIFY, stats, setup=_track_producers)
+    out = rewrite(cj, SIMPLIFY, stats, state=_Emitted)
     return PassResult(out, out is not cj, stats)
-
-
-__all__ = ["SIMPLIFY", "simplify"]

@@ -44,4 +44,11 @@ def pin(m, x):
     return lax.cond(p, lambda m, p: m & p, lambda m, p: m, m, p)
 
 
-__all__ = ["fenced", "pin", "float_var"]
+def materialize(x):
+    """``x`` computed once, through a cond XLA cannot fold keyed on ``x`` itself, so every
+    reader shares one copy rather than recomputing it in its own fusion (``x * 1`` keeps
+    the branches apart for ``lax.cond`` and is exact, NaN and -0 included)."""
+    return lax.cond(fence_pred([x]), lambda x: x * jnp.ones((), x.dtype), lambda x: x, x)
+
+
+__all__ = ["fenced", "pin", "materialize", "float_var"]

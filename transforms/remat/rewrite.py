@@ -17,7 +17,7 @@ from __future__ import annotations
 from graphopt import ir
 from graphopt.interpreter import Stats
 
-from .fence import fenced, float_var, pin
+from .fence import fenced, float_var, materialize, pin
 from .plan import Plan, float_compare, recomputed_segments
 
 
@@ -91,13 +91,30 @@ def _input_dependent(jaxpr) -> set:
     return dep
 
 
+def _chosen_and_compared(fwd) -> set:
+    """Float values a max/min reduces and a comparison reads (``eq(x, max x)``): XLA would
+    recompute ``x`` in both fusions and may round the copies apart (an ``rsqrt`` vectorized
+    in one and not the other), leaving a column's mask empty and its gradient 0/0."""
+    reduced = {e.invars[0] for e in fwd if e.primitive.name in ("reduce_max", "reduce_min")}
+    return {a for e in fwd if float_compare(e) for a in e.invars if a in reduced}
+
+
 def _pinned_compares(fwd, env) -> tuple[list, list]:
     """The forward equations, each float comparison's result (a max's gradient mask)
     materialized once through a fence. Otherwise XLA fuses the comparison into each of
     its consumers, recomputing its operands there, and a rewrite that changes the fusion
-    lets the copies round apart: a mask empty in one consumer, set in another."""
+    lets the copies round apart: a mask empty in one consumer, set in another. A value
+    both reduced by a max/min and compared is materialized once too, before its first
+    reader (:func:`_chosen_and_compared`)."""
     out, consts = [], []
+    shared = _chosen_and_compared(fwd)
     for e in fwd:
+        for a in dict.fromkeys(a for a in e.invars if ir.is_var(a) and a in shared):
+            inl = ir.inline(materialize, [env.get(a, a)])  # before its first reader
+            out.extend(ir.eqn_with_name_stack(q, "remat") for q in inl.eqns)
+            consts.extend(inl.consts)
+            env[a] = inl.outs[0]
+            shared.discard(a)
         new_in = [env.get(a, a) if ir.is_var(a) else a for a in e.invars]
         out.append(e.replace(invars=new_in) if new_in != list(e.invars) else e)
         x = next((a for a in new_in if float_var(a)), None)
