@@ -49,7 +49,7 @@ class Rule:
         self.pattern = pattern
         self.replace = replace
         if roots is None and isinstance(pattern, Op):
-            roots = (pattern.prim,) if isinstance(pattern.prim, str) else pattern.prim
+            roots = pattern.prims
         self.roots = frozenset(roots) if roots else None
 
     def find(self, view: View, i: int) -> Match | None:

@@ -56,6 +56,11 @@ class Op(Pat):
     name: str | None = None
     commutative: bool | None = None
 
+    def __post_init__(self):  # matching tests membership on every equation: a set, once
+        self.prims = frozenset((self.prim,) if isinstance(self.prim, str) else self.prim)
+        # operand positions, literals and sub-patterns before wildcards: cheap rejections first
+        self.order = sorted(range(len(self.args)), key=lambda k: isinstance(self.args[k], Wild))
+
 
 def wild(name=None, pred=None) -> Wild:
     return Wild(name, pred)
@@ -272,7 +277,7 @@ def _lit_equal(val, want, atom) -> bool:
 def match(view: View, pat: Pat, atom, b: Bindings = EMPTY, eqn=None) -> Bindings | None:
     """Match ``pat`` against the value ``atom`` of ``view``; bindings or None. ``eqn``: the
     equation computing ``atom`` where the view does not hold it yet (an interpreter rule's
-    current equation; recorded as index -1)."""
+    current equation, not recorded in the bindings' equations)."""
     if isinstance(pat, Wild):
         if pat.pred is not None and not pat.pred(atom):
             return None
@@ -292,25 +297,23 @@ def match(view: View, pat: Pat, atom, b: Bindings = EMPTY, eqn=None) -> Bindings
     if i is None:
         return None
     e = view.eqns[i] if eqn is None else eqn
-    prims = (pat.prim,) if isinstance(pat.prim, str) else pat.prim
-    if e.primitive.name not in prims or len(e.outvars) != 1 or ir.impure(e):
+    if e.primitive.name not in pat.prims or len(e.invars) != len(pat.args) \
+            or len(e.outvars) != 1 or ir.impure(e):
         return None
-    if not _params_ok(pat.params, e.params):
+    if pat.params and not _params_ok(pat.params, e.params):
         return None
     b = b.bind(pat.name, atom)
     if b is None:
         return None
-    b = b.add_eqn(i)
-    orders = [pat.args]
+    b = b.add_eqn(i) if i >= 0 else b
+    orders = [e.invars]
     comm = pat.commutative if pat.commutative is not None else e.primitive.name in COMMUTATIVE
     if comm and len(pat.args) == 2:
-        orders.append(pat.args[::-1])
-    for args in orders:
-        if len(args) != len(e.invars):
-            continue
+        orders.append(e.invars[::-1])
+    for invars in orders:
         bb = b
-        for p, a in zip(args, e.invars):
-            bb = match(view, p, a, bb)
+        for k in pat.order:
+            bb = match(view, pat.args[k], invars[k], bb)
             if bb is None:
                 break
         else:

@@ -109,8 +109,7 @@ IDENTITIES = [
 ]
 BY_ROOT: dict[str, list[Identity]] = {}
 for _ident in IDENTITIES:
-    for _prim in (_ident.pattern.prim,) if isinstance(_ident.pattern.prim, str) \
-            else _ident.pattern.prim:
+    for _prim in sorted(_ident.pattern.prims):
         BY_ROOT.setdefault(_prim, []).append(_ident)
 
 
