@@ -138,9 +138,10 @@ def main():
     print("\nscaling (10x equations -> pipeline time ratio, target <= 12x):")
     for a, b in zip(ns_sorted, ns_sorted[1:]):
         print(f"  {a:>7} -> {b:<7} eqns ({b / a:4.1f}x): pipeline {by_n[b]['pipe'] / by_n[a]['pipe']:5.2f}x")
-    mid = min(ns_sorted, key=lambda n: abs(n - 10_000))
-    r = by_n[mid]
-    print(f"at {mid} eqns: pipeline/trace = {r['pipe'] / r['trace']:.2f} (target <= 0.5)")
+    if ns_sorted:  # `--sizes` with no sizes: the zoo only
+        mid = min(ns_sorted, key=lambda n: abs(n - 10_000))
+        r = by_n[mid]
+        print(f"at {mid} eqns: pipeline/trace = {r['pipe'] / r['trace']:.2f} (target <= 0.5)")
     if not ns.no_zoo:
         print("\nthe zoo's training steps (default pipeline as graphopt.optimize runs it):")
         run_zoo()

@@ -54,6 +54,9 @@ class Pass:
     description: str = ""
     family: str = ""
     options: dict = dataclasses.field(default_factory=dict)  # this pass's own (configure)
+    # passes whose changes never give this one work: a pipeline round skips it when only
+    # they changed the program since it last ran (dce's removals leave live equations be)
+    unaffected_by: frozenset = frozenset()
 
     def __call__(self, cj: ir.ClosedJaxpr, ctx: PassContext | None = None) -> PassResult:
         ctx = ctx if ctx is not None else PassContext()
@@ -236,14 +239,16 @@ class Pipeline:
     def _run(self, cj: ir.ClosedJaxpr, ctx: PassContext | None):
         ctx = ctx if ctx is not None else PassContext(placement=placement_of(cj))
         records: list[PassRecord] = []
-        # The jaxpr each pass last left unchanged: passes are deterministic, so running
-        # one again on that very jaxpr in a later round cannot change anything.
-        settled: dict[int, ir.ClosedJaxpr] = {}
+        # Per pass, the passes that changed the program since it last ran (None: it has not
+        # run). Passes are deterministic and idempotent (testing.check_pass asserts it), so
+        # one whose program only its own run, or passes it is unaffected by, changed since
+        # cannot change anything now.
+        since: list = [None] * len(self.passes)
         full = self.check == "full" or (self.check and full_checks())
         for rnd in range(self.max_rounds):
             any_changed = False
             for k, p in enumerate(self.passes):
-                if settled.get(k) is cj:
+                if since[k] is not None and since[k] <= p.unaffected_by:
                     continue
                 t0 = time.perf_counter()
                 try:
@@ -263,8 +268,8 @@ class Pipeline:
                     check_interface(p.name, cj, res.jaxpr)
                 records.append(PassRecord(p.name, rnd, cj, res.jaxpr, res.changed, res.stats, dt))
                 any_changed |= res.changed
-                if not res.changed:
-                    settled[k] = cj
+                since = [s | {p.name} if res.changed and s is not None else s for s in since]
+                since[k] = frozenset()
                 cj = res.jaxpr
             if not (self.fixpoint and any_changed):
                 break

@@ -54,3 +54,20 @@ def test_interface_check_runs_without_the_flag(monkeypatch):
         return PassResult(jax.make_jaxpr(jnp.sum)(X), True)
     with pytest.raises(PassError, match="'shrink' changed the outputs"):
         graphopt.optimize(jnp.sin, passes=[shrink])(X)
+
+
+def test_a_round_skips_passes_nothing_new_reached():
+    # cse merges, dce drops the dead copy; in round 1 only fold and simplify run again
+    # (cse and dce saw nothing but dce's removals since), and the result is a fixpoint.
+    def f(x):
+        a, b = jnp.sin(x), jnp.sin(x)
+        unused = jnp.cos(x)  # noqa: F841
+        return a * 1.0 + b
+    cj = jax.make_jaxpr(f)(jnp.ones(3))
+    out, records = Pipeline(["fold", "simplify", "cse", "dce"]).run(cj)
+    ran = [(r.name, r.round) for r in records]
+    assert ran == [("fold", 0), ("simplify", 0), ("cse", 0), ("dce", 0),
+                   ("fold", 1), ("simplify", 1)], ran
+    assert [r.changed for r in records] == [False, True, True, True, False, False]
+    again, _ = Pipeline(["fold", "simplify", "cse", "dce"]).run(out)
+    assert ir.count_eqns(again) == ir.count_eqns(out) == 2  # sin, add

@@ -72,12 +72,22 @@ fuse_matmul_chain_pass = _make_pass("fuse_matmul_chain", fuse_dots.CHAIN_RULES,
 _xent_run = _runner("fuse_cross_entropy", fuse_xent.RULES)
 
 
+def _holds_logsumexp(e) -> bool:
+    """A ``custom_jvp_call`` whose body takes an ``exp`` and a ``log`` (logsumexp, a log
+    softmax): the only calls a cross-entropy can hide in (a relu's opens to nothing)."""
+    if e.primitive.name != "custom_jvp_call":
+        return False
+    names = {q.primitive.name for q, _, _ in ir.walk_eqns(e.params["call_jaxpr"])}
+    return {"exp", "log"} <= names
+
+
 def _open_custom_jvps(cj: ir.ClosedJaxpr):
-    """``cj`` (its jit calls inlined) with its top-level ``custom_jvp_call``s inlined too, and
+    """``cj`` (its jit calls inlined) with its top-level ``custom_jvp_call``s that hold a
+    logsumexp (:func:`_holds_logsumexp`) inlined too, and
     the outputs of the inlined equations that read a call's operands (its entries);
     (cj, empty) when it holds none."""
     flat, _ = patterns.inline_jits(cj)
-    if not any(e.primitive.name == "custom_jvp_call" for e in flat.jaxpr.eqns):
+    if not any(_holds_logsumexp(e) for e in flat.jaxpr.eqns):
         return cj, set()
     eqns, env, opened = [], {}, set()
     constvars, consts = list(flat.jaxpr.constvars), list(flat.consts)
@@ -86,7 +96,7 @@ def _open_custom_jvps(cj: ir.ClosedJaxpr):
         return env.get(a, a) if ir.is_var(a) else a
     for e in flat.jaxpr.eqns:
         e = e.replace(invars=[look(v) for v in e.invars])
-        if e.primitive.name != "custom_jvp_call" or ir.effectful(e):
+        if not _holds_logsumexp(e) or ir.effectful(e):
             eqns.append(e)
             continue
         body = e.params["call_jaxpr"]

@@ -335,10 +335,16 @@ def cse(cj: ir.ClosedJaxpr, ctx: PassContext | None = None) -> PassResult:
 
 # ==================================================================== registration
 
+# Removing dead equations leaves every live one as it was: nothing new to fold, merge or
+# simplify (the fusions do gain: a dead reader no longer keeps an intermediate public).
+_AFTER_DCE = frozenset({"dce"})
 register_pass(Pass("dce", dce, "dead-code elimination (also unused outputs/carries)", "prune"))
-register_pass(Pass("fold", fold, "constant folding under a size cap", "prune"))
-register_pass(Pass("cse", cse, "common-subexpression elimination", "prune"))
-register_pass(Pass("simplify", simplify, "exact algebraic simplification", "prune"))
+register_pass(Pass("fold", fold, "constant folding under a size cap", "prune",
+                   unaffected_by=_AFTER_DCE))
+register_pass(Pass("cse", cse, "common-subexpression elimination", "prune",
+                   unaffected_by=_AFTER_DCE))
+register_pass(Pass("simplify", simplify, "exact algebraic simplification", "prune",
+                   unaffected_by=_AFTER_DCE))
 register_group("prune", ["fold", "simplify", "cse", "dce"])
 
 __all__ = ["dce", "fold", "cse", "simplify", "DCE_RULES", "FOLD", "CSE", "SIMPLIFY"]
