@@ -95,7 +95,8 @@ def _chosen_and_compared(fwd) -> set:
     """Float values a max/min reduces and a comparison reads (``eq(x, max x)``): XLA would
     recompute ``x`` in both fusions and may round the copies apart (an ``rsqrt`` vectorized
     in one and not the other), leaving a column's mask empty and its gradient 0/0."""
-    reduced = {e.invars[0] for e in fwd if e.primitive.name in ("reduce_max", "reduce_min")}
+    reduced = {e.invars[0] for e in fwd if e.primitive.name in ("reduce_max", "reduce_min")
+               and ir.is_var(e.invars[0])}  # a literal is never recomputed (nor hashable)
     return {a for e in fwd if float_compare(e) for a in e.invars if a in reduced}
 
 
