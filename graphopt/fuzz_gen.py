@@ -192,6 +192,8 @@ class Gen:
 
     def name(self, p="v"):
         self.n += 1
+        while f"{p}{self.n}" in self.types:  # a step's batch inputs are d0, d1, ... already
+            self.n += 1
         return f"{p}{self.n}"
 
     def eval(self, expr):

@@ -146,6 +146,18 @@ def test_oracle_tolerances():
         assert fuzz.mismatch(b, b + 1e-9) is not None  # float64 is held to 1e-12
 
 
+def test_generated_inputs_have_distinct_names():
+    # seed 2026 program 1028 drew an operand "d3" beside the batch input d3: one shadowed
+    # the other in the batch dict, so a drawn input was never used
+    for seed, k in [(2026, 1028), (101, 5), (102, 7)] + [(103, k) for k in range(40)]:
+        try:
+            prog = fuzz.program(seed, k, kind="step")
+        except IndexError:  # a draw the runner draws again
+            continue
+        names = [i.name for i in prog.inputs]
+        assert len(names) == len(set(names)), (seed, k, names)
+
+
 def test_nudged_inputs_excuse_rounding_only_where_the_program_cancels():
     import numpy as np
     eps = np.finfo(np.float32).eps
