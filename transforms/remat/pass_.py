@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from graphopt import analysis, ir
 from graphopt.errors import OptionError
 from graphopt.interpreter import Stats
@@ -52,8 +54,34 @@ def _rematerialized(jaxpr) -> bool:
             or scan.scan_rematerialized(jaxpr)):
         return True
     return any(_rematerialized(ir.as_closed(sub).jaxpr) for e in jaxpr.eqns
-               if e.primitive.name in ("jit", "pjit", "closed_call")
+               if e.primitive.name in ("jit", "pjit", "closed_call", "custom_jvp_call")
                for _, _, sub in ir.subjaxpr_params(e))
+
+
+def _n_custom_jvps(cj) -> int:
+    return sum(e.primitive.name == "custom_jvp_call" for e, _, _ in ir.walk_eqns(cj))
+
+
+def keep_derivatives(cj: ir.ClosedJaxpr, res: PassResult) -> PassResult:
+    """``res`` differentiating as ``cj`` does. Micro-batching inlines the step's
+    ``custom_jvp`` calls (relu, log_softmax, a user's) to stream their bodies, which leaves
+    the step's values and its own gradients as they were but would give a derivative taken
+    *of the optimized step* the bodies' derivatives instead of the custom rules. So the
+    result becomes one ``custom_jvp``: the rewritten program forward, the original's JVP
+    as its rule (it costs nothing unless the step itself is differentiated)."""
+    if not res.changed or _n_custom_jvps(res.jaxpr) >= _n_custom_jvps(cj):
+        return res
+    if any(ir.effectful(e) for e, _, _ in ir.walk_eqns(cj)):  # custom_jvp takes no effects
+        res.stats.note("remat: micro-batches opened custom_jvp calls and the step has effects: "
+                       "a derivative taken of the optimized step uses their bodies' own "
+                       "derivatives, not their custom rules")
+        return res
+    original, rewritten = ir.jaxpr_as_fun(cj), ir.jaxpr_as_fun(res.jaxpr)
+    step = jax.custom_jvp(lambda *a: list(rewritten(*a)))
+    step.defjvp(lambda p, t: jax.jvp(lambda *a: list(original(*a)), p, t))
+    res.stats.note("remat: micro-batches opened custom_jvp calls; the optimized step keeps "
+                   "the original's derivative as one custom_jvp rule")
+    return PassResult(ir.trace_flat(step, cj.in_avals), True, res.stats)
 
 
 def remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
@@ -128,9 +156,9 @@ def _remat_pass(cj: ir.ClosedJaxpr, ctx: PassContext) -> PassResult:
                "their bodies have effects or random numbers")
         stats.note("remat:" + why[1:])
         micro.why += why
-    return ladder.walk(ladder.Search(cj=cj, inner=inner, wrap=wrap, ctx=ctx, measure=measure,
-                                     base=base, budget_bytes=budget_bytes, stats=stats,
-                                     micro=micro))
+    return keep_derivatives(cj, ladder.walk(ladder.Search(
+        cj=cj, inner=inner, wrap=wrap, ctx=ctx, measure=measure, base=base,
+        budget_bytes=budget_bytes, stats=stats, micro=micro)))
 
 
 __all__ = ["remat_pass"]
