@@ -333,7 +333,11 @@ def _choose_kernel(view, i, name, root, p_side, a: _Attn, eqns) -> None:
              and a.out_type in (None, a.v.aval.dtype)
              and d1.params.get("preferred_element_type") in (None, q.aval.dtype, jnp.float32))
     one_fill = len({t[4][1] for t in kterms if t[0] == "mask"}) <= 1  # its masks share one fill
-    dpa = as_is and a.sdt == jnp.float32 and kinds == sorted(kinds) and one_fill
+    # JAX's own XLA attention asks float16 for the F16_F16_F32 dot algorithm, which XLA CPU
+    # rejects at compile time (seed 4242 program 678): graphopt's kernel there
+    f16_on_cpu = a.platform == "cpu" and q.aval.dtype == jnp.float16
+    dpa = as_is and a.sdt == jnp.float32 and kinds == sorted(kinds) and one_fill \
+        and not f16_on_cpu
     impl = "xla" if dpa else "kernel"
     if (a.platform == "gpu" and q.aval.dtype in (jnp.bfloat16, jnp.float16) and a.H % 8 == 0
             and a.H <= 128 and not kterms):
