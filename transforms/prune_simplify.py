@@ -172,3 +172,6 @@ def simplify(cj: ir.ClosedJaxpr, ctx: PassContext | None = None) -> PassResult:
     stats = Stats()
     out = rewrite(cj, SIMPLIFY, stats, state=_Emitted)
     return PassResult(out, out is not cj, stats)
+
+
+__all__ = ["SIMPLIFY", "IDENTITIES", "Identity", "simplify"]
