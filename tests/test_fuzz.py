@@ -177,6 +177,17 @@ def test_nudged_inputs_excuse_rounding_only_where_the_program_cancels():
     assert fuzz.mismatch(b, b * (1 + 1e-4), nudged[0], near=fuzz.NUDGE_NEAR) is not None
 
 
+def test_a_float32_value_computed_in_bfloat16_is_judged_at_bfloat16():
+    import numpy as np
+    cj = jax.make_jaxpr(lambda x: jnp.sum(x).astype(jnp.float32))(jnp.ones(4, jnp.bfloat16))
+    assert fuzz._coarsest(cj) == "bfloat16"
+    a = np.float32([11.5])
+    assert fuzz.mismatch(a, a + 0.08) is not None  # float32's tolerance: 1.2e-4 here
+    assert fuzz.mismatch(a, a + 0.08, coarse="bfloat16") is None  # one bfloat16 ulp is 0.0625
+    assert fuzz.mismatch(a, a * 1.5, coarse="bfloat16") is not None
+    assert fuzz._coarsest(jax.make_jaxpr(jnp.sin)(1.0)) == "float32"
+
+
 def _cli(*args, register_broken=False):
     code = ("import sys\nfrom graphopt.__main__ import main\n" + (
         "import graphopt\nfrom tests.test_fuzz import BROKEN\ngraphopt.register_pass(BROKEN)\n"

@@ -8,8 +8,8 @@ calls to stream their bodies. Values and the step's own gradients were unchanged
 derivative taken of the optimized step (the oracle's jvp) used the bodies' derivatives
 instead of the custom rules. A remat result that opened custom_jvp calls is now one
 custom_jvp: the rewritten program forward, the original's JVP as its rule
-(transforms/remat/pass_.py, keep_derivatives). The unshrunk program 1914 still fails,
-differently (open, docs/reliability.md).
+(transforms/remat/pass_.py, keep_derivatives). The unshrunk program 1914 failed
+differently: the oracle held a float32 value computed in bfloat16 to float32's tolerance.
 """
 import jax
 import jax.numpy as jnp
